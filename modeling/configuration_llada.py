@@ -13,6 +13,19 @@ def _require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"Invalid config field `{field}`: {message}")
 
 
+def drop_legacy_fields(kwargs: dict, legacy: dict) -> None:
+    """Remove fields earlier versions saved but that never changed the model; refuse a value they did not allow
+    (`legacy`: field -> its only allowed value, or None when any value was a no-op)."""
+    for field, only_value in legacy.items():
+        value = kwargs.pop(field, only_value)
+        if only_value is not None and value != only_value:
+            raise ValueError(f"Invalid config field `{field}`: this model has no such setting (it always behaves as "
+                             f"{field}={only_value!r}); remove it from config.json")
+
+
+# Fields of earlier versions that changed nothing: the MLP is always SwiGLU; `generate` always caches the prefix.
+LEGACY_FIELDS = {"hidden_act": "silu", "use_cache": None}
+
 # Original LLaDA / LaViDa config.json name -> LladaConfig field.
 LAVIDA_TEXT_FIELD_NAMES = {
     "d_model": "hidden_size",
@@ -49,7 +62,6 @@ class LladaConfig(PreTrainedConfig):
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None
     head_dim: int | None = None
-    hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
@@ -60,10 +72,10 @@ class LladaConfig(PreTrainedConfig):
     pad_token_id: int | None = 126081
     bos_token_id: int | None = 126080
     eot_token_id: int | None = 126348
-    use_cache: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        drop_legacy_fields(kwargs, LEGACY_FIELDS)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -89,7 +101,6 @@ class LladaConfig(PreTrainedConfig):
         _require(0 < self.rms_norm_eps < 1, "rms_norm_eps", f"must be in (0, 1), got {self.rms_norm_eps}")
         _require(0 <= self.attention_dropout < 1, "attention_dropout",
                  f"must be in [0, 1), got {self.attention_dropout}")
-        _require(self.hidden_act == "silu", "hidden_act", f"LLaDA uses a SwiGLU MLP: must be 'silu', got {self.hidden_act!r}")
         _require(not self.tie_word_embeddings, "tie_word_embeddings",
                  "LLaDA's LM head is untied (weight_tying=false): must be False")
         for field in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):

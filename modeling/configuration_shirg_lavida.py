@@ -1,25 +1,12 @@
 """Configuration of ShirgLavidaForDiffusionLM: SigLIP tower + SHIRG selector + projector + LLaDA backbone."""
 
-import math
-
 from transformers import PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_llada import LladaConfig, _require
+from .configuration_llada import LladaConfig, _require, drop_legacy_fields
+from .visual_tokens import DEFAULT_VISION_MODE, LAVIDA_GEOMETRY, Geometry, check_selection, num_image_tokens, get_vision_mode
 
 
-VISION_MODES = ("shirg", "full", "lowres", "lavida-hd")
-SELECTION_METHODS = (
-    "shirg", "full", "random", "pooled", "magnitude", "importance", "gradient", "no_coverage", "no_summary",
-)
-DEFAULT_SELECTION = {
-    "method": "shirg",
-    "budget": 768,
-    "weights": [0.6, 0.25, 0.15],
-    "coverage_cells": [8, 8],
-    "summary": True,
-    "seed": 0,
-}
 # SigLIP so400m-patch14-384 with LaViDa's truncation: the last of its 27 layers is deleted, so the output of
 # the last remaining layer (before post_layernorm) is the penultimate-layer feature LaViDa uses.
 SO400M_TRUNCATED = {
@@ -28,14 +15,15 @@ SO400M_TRUNCATED = {
     "num_hidden_layers": 26,
     "num_attention_heads": 16,
     "num_channels": 3,
-    "image_size": 384,
-    "patch_size": 14,
+    "image_size": LAVIDA_GEOMETRY.native_side,
+    "patch_size": LAVIDA_GEOMETRY.patch_size,
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
     "attention_dropout": 0.0,
     "vision_use_head": False,
 }
-LAVIDA_GRID_PINPOINTS = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
+# The projector is always LaViDa's mlp2x_gelu (exact GELU).
+LEGACY_FIELDS = {"projector_hidden_act": "gelu"}
 
 
 class ShirgLavidaConfig(PreTrainedConfig):
@@ -44,14 +32,14 @@ class ShirgLavidaConfig(PreTrainedConfig):
         vision_config (`SiglipVisionConfig` or `dict`): the SigLIP tower, already truncated to the layers kept
             (26 for so400m, as LaViDa). Features are its last layer's output without `post_layernorm`.
         text_config (`LladaConfig` or `dict`): the LLaDA backbone.
-        highres_image_size (`int`, 672): input side for the `shirg` and `full` modes (48 x 48 = 2,304 patches at
-            patch 14); the tower's position embeddings are interpolated to it.
-        vision_mode (`str`): `shirg` (K selected + 1 summary token), `full` (all high-res patches), `lowres`
-            (one `vision_config.image_size` view, 729 tokens for so400m) or `lavida-hd` (LaViDa's anyres views,
-            2x2 bilinear pooling, unpadding and newline tokens).
-        selection (`dict`): SHIRG settings: `method`, `budget` (K), `weights` (importance, magnitude, gradient;
-            sum 1), `coverage_cells` (rows, cols of the coverage grid), `summary` (append the summary token),
-            `seed` (used by the `random` baseline only).
+        highres_image_size (`int`): input side of the high-res modes (672 px: 48 x 48 = 2,304 patches at patch
+            14); the tower's position embeddings are interpolated to it.
+        vision_mode (`str`): a registered vision mode (`visual_tokens.vision_mode_names()`): `shirg` (K selected
+            + 1 summary token), `full` (all high-res patches), `lowres` (the tower's native view) or `lavida-hd`
+            (LaViDa's anyres views, 2x2 pooling, unpadding and newline tokens).
+        selection (`dict`): selection settings: `method` (a registered selection method), `budget` (K),
+            `weights` (importance, magnitude, gradient; sum 1), `coverage_cells` (rows, cols), `summary` (append
+            the summary token), `seed` (the `random` baseline's).
         image_token_id (`int`): id of the `<image>` token the processor repeats once per visual token.
         image_grid_pinpoints, anyres_tile_size, anyres_pool_mode: LaViDa's anyres geometry for `lavida-hd`
             (pinpoints are [width, height] in pixels; the grid shape is pinpoint / anyres_tile_size).
@@ -67,141 +55,67 @@ class ShirgLavidaConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    highres_image_size: int = 672
-    vision_mode: str = "shirg"
+    highres_image_size: int = LAVIDA_GEOMETRY.highres_side
+    vision_mode: str = DEFAULT_VISION_MODE
     selection: dict | None = None
     image_token_id: int = 126349
-    projector_hidden_act: str = "gelu"
     image_grid_pinpoints: list | None = None
-    anyres_tile_size: int = 384
-    anyres_pool_mode: str = "bilinear"
+    anyres_tile_size: int = LAVIDA_GEOMETRY.tile_size
+    anyres_pool_mode: str = LAVIDA_GEOMETRY.pool_mode
     training_attention: str = "prefix_dlm"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        selection = dict(DEFAULT_SELECTION)
-        selection.update(self.selection or {})
-        selection["weights"] = [float(w) for w in selection["weights"]]
-        selection["coverage_cells"] = [int(c) for c in selection["coverage_cells"]]
-        self.selection = selection
+        drop_legacy_fields(kwargs, LEGACY_FIELDS)
         if self.image_grid_pinpoints is None:
-            self.image_grid_pinpoints = [list(p) for p in LAVIDA_GRID_PINPOINTS]
+            self.image_grid_pinpoints = [list(p) for p in LAVIDA_GEOMETRY.pinpoints]
         super().__post_init__(**kwargs)
         self.validate()
 
-    # ---- derived sizes ---------------------------------------------------------------------------------
+    # ---- the visual-token contract (visual_tokens.py) ------------------------------------------------------
     @property
-    def highres_grid(self) -> tuple[int, int]:
-        side = self.highres_image_size // self.vision_config.patch_size
-        return side, side
+    def geometry(self) -> Geometry:
+        """The front end's sizes as the contract's `Geometry`."""
+        return Geometry(
+            native_side=self.vision_config.image_size, highres_side=self.highres_image_size,
+            patch_size=self.vision_config.patch_size, tile_size=self.anyres_tile_size,
+            pinpoints=self.image_grid_pinpoints, pool_mode=self.anyres_pool_mode,
+        )
 
     @property
-    def lowres_grid(self) -> tuple[int, int]:
-        side = self.vision_config.image_size // self.vision_config.patch_size
-        return side, side
+    def highres_grid(self) -> tuple[int, int]:
+        return self.geometry.highres_grid
 
     @property
     def num_highres_patches(self) -> int:
-        rows, cols = self.highres_grid
-        return rows * cols
+        return self.geometry.num_highres_patches
 
-    @property
-    def pooled_grid(self) -> tuple[int, int]:
-        """Grid of one `lavida-hd` view after LaViDa's 2x2 pooling (bilinear: 27 -> 14; average/max: 27 -> 13)."""
-        rows, cols = self.lowres_grid
-        if self.anyres_pool_mode == "bilinear":
-            return math.ceil(rows / 2), math.ceil(cols / 2)
-        return rows // 2, cols // 2
-
-    def num_image_tokens(self, budget: int | None = None) -> int:
-        """Visual tokens one image occupies in the prompt for `shirg`, `full` and `lowres`.
-
-        `lavida-hd` depends on the image size: see `ShirgLavidaProcessor.num_image_tokens(image_size=...)`.
-        """
-        if self.vision_mode == "shirg":
-            return self.num_selected_tokens(budget)
-        if self.vision_mode == "full":
-            return self.num_highres_patches
-        if self.vision_mode == "lowres":
-            rows, cols = self.lowres_grid
-            return rows * cols
-        raise ValueError(
-            "vision_mode='lavida-hd' has an image-size dependent token count; use "
-            "ShirgLavidaProcessor.num_image_tokens(image_size=(width, height)) instead."
-        )
-
-    def num_selected_tokens(self, budget: int | None = None) -> int:
-        """K kept tokens plus the summary token (none when K keeps every patch or summary is off)."""
-        budget = self.selection["budget"] if budget is None else budget
-        self.check_budget(budget)
-        method = self.selection["method"]
-        if method == "full":
-            return self.num_highres_patches
-        with_summary = self.selection["summary"] and method != "no_summary" and budget < self.num_highres_patches
-        return budget + int(with_summary)
-
-    def check_budget(self, budget: int) -> None:
-        """Raise `ValueError` unless coverage cells <= budget <= number of high-res patches."""
-        rows, cols = self.selection["coverage_cells"]
-        low, high = rows * cols, self.num_highres_patches
-        if self.selection["method"] in ("random", "pooled", "magnitude", "importance", "gradient", "no_coverage"):
-            low = 1
-        if not (isinstance(budget, int) and low <= budget <= high):
-            raise ValueError(
-                f"Invalid config field `selection.budget`: must be an integer in [{low}, {high}] "
-                f"(coverage cells {rows}x{cols} <= K <= {high} patches of the "
-                f"{self.highres_grid[0]}x{self.highres_grid[1]} grid), got {budget!r}"
-            )
+    def num_image_tokens(self, budget: int | None = None, image_size=None) -> int:
+        """Visual tokens one image occupies in the prompt in `vision_mode` (see `visual_tokens.num_image_tokens`)."""
+        return num_image_tokens(self.vision_mode, self.geometry, self.selection, budget=budget,
+                                image_size=image_size)
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field when the configuration is inconsistent."""
         vision, text = self.vision_config, self.text_config
-        _require(self.vision_mode in VISION_MODES, "vision_mode",
-                 f"must be one of {VISION_MODES}, got {self.vision_mode!r}")
+        try:
+            get_vision_mode(self.vision_mode)
+        except ValueError as error:
+            raise ValueError(f"Invalid config field `vision_mode`: {error}") from None
+        try:
+            geometry = self.geometry
+        except ValueError as error:
+            raise ValueError(f"Invalid config geometry (vision_config.image_size / patch_size, highres_image_size, "
+                             f"anyres_tile_size, image_grid_pinpoints, anyres_pool_mode): {error}") from None
         _require(vision.hidden_size % vision.num_attention_heads == 0, "vision_config.num_attention_heads",
                  f"must divide vision_config.hidden_size={vision.hidden_size}, got {vision.num_attention_heads}")
-        _require(vision.image_size >= vision.patch_size, "vision_config.image_size",
-                 f"must be >= patch_size={vision.patch_size}, got {vision.image_size}")
-        _require(isinstance(self.highres_image_size, int) and self.highres_image_size >= vision.image_size,
-                 "highres_image_size",
-                 f"must be an integer >= vision_config.image_size={vision.image_size}, got {self.highres_image_size!r}")
-        _require(self.projector_hidden_act == "gelu", "projector_hidden_act",
-                 f"LaViDa's projector is mlp2x_gelu: must be 'gelu', got {self.projector_hidden_act!r}")
-        _require(self.anyres_pool_mode in ("bilinear", "average", "max"), "anyres_pool_mode",
-                 f"must be 'bilinear', 'average' or 'max', got {self.anyres_pool_mode!r}")
         _require(self.training_attention in ("prefix_dlm", "full"), "training_attention",
                  f"must be 'prefix_dlm' or 'full', got {self.training_attention!r}")
-        _require(self.anyres_tile_size > 0, "anyres_tile_size", f"must be > 0, got {self.anyres_tile_size}")
-        for pinpoint in self.image_grid_pinpoints:
-            _require(len(pinpoint) == 2 and all(p > 0 and p % self.anyres_tile_size == 0 for p in pinpoint),
-                     "image_grid_pinpoints",
-                     f"each entry must be [width, height], multiples of anyres_tile_size={self.anyres_tile_size}, "
-                     f"got {pinpoint}")
         _require(isinstance(self.image_token_id, int) and 0 <= self.image_token_id < text.vocab_size,
                  "image_token_id", f"must be in [0, {text.vocab_size - 1}], got {self.image_token_id!r}")
         _require(self.image_token_id != text.mask_token_id, "image_token_id",
                  f"must differ from text_config.mask_token_id={text.mask_token_id}")
-        self._validate_selection()
-
-    def _validate_selection(self) -> None:
-        selection = self.selection
-        unknown = sorted(set(selection) - set(DEFAULT_SELECTION))
-        _require(not unknown, "selection", f"unknown keys {unknown}; allowed keys are {sorted(DEFAULT_SELECTION)}")
-        _require(selection["method"] in SELECTION_METHODS, "selection.method",
-                 f"must be one of {SELECTION_METHODS}, got {selection['method']!r}")
-        weights = selection["weights"]
-        _require(len(weights) == 3 and all(w >= 0 for w in weights), "selection.weights",
-                 f"must be three non-negative numbers (importance, magnitude, gradient), got {weights}")
-        _require(abs(sum(weights) - 1.0) <= 1e-6, "selection.weights",
-                 f"must sum to 1 (e.g. [0.6, 0.25, 0.15]), got {weights} (sum {sum(weights):.6g})")
-        cells = selection["coverage_cells"]
-        grid = self.highres_grid
-        _require(len(cells) == 2 and all(1 <= c <= g for c, g in zip(cells, grid)), "selection.coverage_cells",
-                 f"must be [rows, cols] with 1 <= rows <= {grid[0]} and 1 <= cols <= {grid[1]}, got {cells}")
-        _require(isinstance(selection["summary"], bool), "selection.summary",
-                 f"must be true or false, got {selection['summary']!r}")
-        _require(isinstance(selection["seed"], int), "selection.seed", f"must be an integer, got {selection['seed']!r}")
-        self.check_budget(selection["budget"])
+        self.selection = check_selection(self.selection, geometry.highres_grid)
 
     # ---- presets ---------------------------------------------------------------------------------------
     @classmethod

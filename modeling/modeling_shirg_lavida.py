@@ -1,17 +1,14 @@
 """ShirgLavidaForDiffusionLM: LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA) with SHIRG token selection.
 
-Vision front ends (`config.vision_mode`, all feeding the same projector and backbone):
-- `shirg`: 672 px -> 48x48 = 2,304 SigLIP patches -> ShirgSelector keeps K in raster order + 1 summary token.
-- `full`: 672 px -> all 2,304 patches.
-- `lowres`: the tower's native 384 px -> 27x27 = 729 patches (LaViDa's 4-D tensor path: no pooling, no newline).
-- `lavida-hd`: LaViDa's anyres assembly (base view + grid crops, projector, 2x2 bilinear pooling, unpadding,
+Every vision mode of the registry (`visual_tokens.py`) feeds the same projector and backbone; this module attaches
+the torch halves of the built-in modes:
+- `shirg`: high-res patches (672 px -> 48x48 = 2,304) -> ShirgSelector keeps K in raster order + 1 summary token.
+- `full`: all high-res patches. `lowres`: the tower's native view (LaViDa's 4-D tensor path: no pooling).
+- `lavida-hd`: LaViDa's anyres assembly (base view + grid crops, projector, 2x2 pooling, unpadding,
   `image_newline` after every row), so converted LaViDa checkpoints reproduce the original.
 Selection happens once per image, before diffusion starts, so the prefix KV cache stays exact.
 """
 
-import json
-import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
-from transformers.image_processing_utils import select_best_resolution
 from transformers.utils import ModelOutput
 
 from .configuration_shirg_lavida import ShirgLavidaConfig
 from .generation_diffusion import DiffusionGenerationConfig, diffusion_generate
 from .modeling_llada import LladaForMaskedDiffusion, masked_diffusion_loss, prefix_dlm_attention_mask
 from .selection_shirg import ShirgSelector
+from .visual_tokens import (
+    anyres_grid_shape,
+    get_vision_mode,
+    num_image_tokens,
+    vision_front_end,
+    unpadded_grid_size,
+)
 
 
 @dataclass
@@ -54,63 +57,21 @@ class ShirgProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints: list, tile_size: int) -> tuple[int, int]:
-    """(columns, rows) of LaViDa's anyres tile grid for an image of size (width, height).
-
-    LaViDa's `select_best_resolution` is LLaVA-NeXT's rule; transformers' implementation takes (height, width)
-    pairs, LaViDa's pinpoints are (width, height), hence the swaps.
-    """
-    width, height = image_size
-    best_height, best_width = select_best_resolution((height, width), [(h, w) for w, h in grid_pinpoints])
-    return best_width // tile_size, best_height // tile_size
-
-
 def lavida_unpad(feature_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Remove the rows or columns of `feature_map` [C, H, W] that cover the anyres canvas padding.
-
-    Matches LaViDa's `unpad_image` exactly: plain `int()` truncation of `original * scale` and a symmetric
-    slice, so an odd difference keeps one extra row (640x480 -> 22 of 28 rows). transformers' LLaVA-NeXT
-    version rounds to 7 decimals first and can differ by one row.
-    """
-    width, height = image_size
+    """Remove the rows or columns of `feature_map` [C, H, W] covering the anyres canvas padding (LaViDa's
+    `unpad_image`; the arithmetic is `visual_tokens.unpadded_grid_size`)."""
     map_height, map_width = feature_map.shape[1:]
-    if width / height > map_width / map_height:
-        new_height = int(height * (map_width / width))
-        padding = (map_height - new_height) // 2
-        return feature_map[:, padding : map_height - padding, :]
-    new_width = int(width * (map_height / height))
-    padding = (map_width - new_width) // 2
-    return feature_map[:, :, padding : map_width - padding]
+    rows, cols = unpadded_grid_size((map_height, map_width), image_size)
+    top, left = (map_height - rows) // 2, (map_width - cols) // 2
+    return feature_map[:, top : top + rows, left : left + cols]
 
 
-MODEL_CARD = """---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [shirg, lavida, llada, diffusion, vision-language]
----
-# SHIRG-LaViDa ({vision_mode})
-
-LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token
-selection, saved by [shirg-hf](https://pypi.org/project/shirg-hf/). The code ships in this folder: loading needs
-only `transformers` and `torch`.
-
-```python
-import torch
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-repo_or_folder = "path/to/this/folder"  # or its Hub repo id
-model = AutoModel.from_pretrained(repo_or_folder, trust_remote_code=True, dtype=torch.bfloat16)
-processor = AutoProcessor.from_pretrained(repo_or_folder, trust_remote_code=True)
-prompt = processor.build_prompt("What is written on the sign?")  # LaViDa system prompt + <image> + question
-inputs = processor(images=[Image.open("image.png")], text=[prompt], return_tensors="pt")
-answer_ids = model.generate(**inputs, max_new_tokens=32, block_length=32, step_ratio=0.5)
-print(processor.batch_decode(answer_ids))
-```
-
-Vision mode: `{vision_mode}`; high-res input {highres} px ({patches} SigLIP patches).
-Selection: `{selection}`.
-"""
+# LaViDa's `get_2dPool` per pool mode: [V, H, G, G] -> [V, H, g, g] with g = geometry.pooled_side.
+_POOLING = {
+    "bilinear": lambda grid, side: F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False),
+    "average": lambda grid, side: F.avg_pool2d(grid, 2),
+    "max": lambda grid, side: F.max_pool2d(grid, 2),
+}
 
 
 class ShirgLavidaPreTrainedModel(PreTrainedModel):
@@ -144,18 +105,6 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         self.language_model = LladaForMaskedDiffusion(config.text_config)
         self.post_init()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` plus a model card README.md with usage (an existing card is kept)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        card = os.path.join(save_directory, "README.md")
-        if kwargs.get("is_main_process", True) and not os.path.exists(card):
-            with open(card, "w", encoding="utf-8") as stream:
-                stream.write(MODEL_CARD.format(
-                    vision_mode=self.config.vision_mode,
-                    highres=self.config.highres_image_size, patches=self.config.num_highres_patches,
-                    selection=json.dumps(self.config.selection),
-                ))
-
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
@@ -177,10 +126,11 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         embeddings = tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate)  # [V, N, Dv]
         return tower.encoder(inputs_embeds=embeddings).last_hidden_state  # [V, N, Dv]
 
-    def _check_pixel_size(self, pixel_values: torch.Tensor, expected: int, mode: str) -> None:
-        if pixel_values.shape[-2:] != (expected, expected) or pixel_values.shape[-3] != 3:
+    def _check_pixel_size(self, pixel_values: torch.Tensor, mode: str) -> None:
+        side = self.config.geometry.side(get_vision_mode(mode).view_side)
+        if pixel_values.shape[-2:] != (side, side) or pixel_values.shape[-3] != 3:
             raise ValueError(
-                f"vision_mode='{mode}' expects pixel_values of shape [..., 3, {expected}, {expected}], got "
+                f"vision_mode='{mode}' expects pixel_values of shape [..., 3, {side}, {side}], got "
                 f"{tuple(pixel_values.shape)}. Preprocess with the processor saved with this model "
                 f"(ShirgLavidaProcessor.from_model_config(config, tokenizer)) for this mode."
             )
@@ -191,56 +141,49 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         vision_mode: str | None = None,
         image_sizes: torch.Tensor | None = None,
         shirg_budget: int | None = None,
+        selection_method: str | None = None,
+        selection_inputs: dict | None = None,
     ) -> tuple[list[torch.Tensor], torch.LongTensor | None]:
-        """Visual token embeddings per image (list of [n_i, H]) and, for `shirg`, the kept indices [B, K]."""
-        mode = vision_mode or self.config.vision_mode
-        if mode in ("shirg", "full"):
-            self._check_pixel_size(pixel_values, self.config.highres_image_size, mode)
-            features = self.vision_features(pixel_values)  # [B, N, Dv]
-            kept_indices = None
-            if mode == "shirg":
-                selection = self.selector(features, grid_size=self.config.highres_grid, budget=shirg_budget)
-                features, kept_indices = selection.tokens, selection.kept_indices  # [B, K+1, Dv], [B, K]
-            return list(self.multi_modal_projector(features).unbind(0)), kept_indices
-        if mode == "lowres":
-            self._check_pixel_size(pixel_values, self.config.vision_config.image_size, mode)
-            return list(self.multi_modal_projector(self.vision_features(pixel_values)).unbind(0)), None
-        if mode == "lavida-hd":
-            return self._lavida_hd_features(pixel_values, image_sizes), None
-        raise ValueError(f"Unknown vision_mode {mode!r}; expected one of 'shirg', 'full', 'lowres', 'lavida-hd'.")
+        """Visual token embeddings per image (list of [n_i, H]) and, for selecting modes, the kept indices [B, K]."""
+        mode = get_vision_mode(vision_mode or self.config.vision_mode)
+        if mode.features is None:
+            raise ValueError(f"vision mode {mode.name!r} has no torch front end: register one with "
+                             f"@register_vision_mode({mode.name!r}, ...) on a function (model, pixel_values, ...)")
+        if mode.selects:
+            shirg_budget = self.config.selection["budget"] if shirg_budget is None else shirg_budget
+            selection_method = selection_method or self.config.selection["method"]
+        elif shirg_budget is not None or selection_method is not None:
+            raise ValueError(f"shirg_budget and selection_method only apply to selecting vision modes; "
+                             f"vision_mode={mode.name!r} does not select.")
+        return mode.features(self, pixel_values, image_sizes=image_sizes, method=selection_method,
+                             budget=shirg_budget, selection_inputs=selection_inputs)
 
-    def _pool_view(self, projected: torch.Tensor) -> torch.Tensor:
+    def pool_views(self, projected: torch.Tensor) -> torch.Tensor:
         """LaViDa's `get_2dPool` on projected view tokens: [V, G*G, H] -> [V, g*g, H] (27 -> 14 bilinear)."""
         views, num_tokens, hidden = projected.shape
-        side = math.isqrt(num_tokens)
+        side = round(num_tokens**0.5)
         grid = projected.view(views, side, side, hidden).permute(0, 3, 1, 2)  # [V, H, G, G]
-        if self.config.anyres_pool_mode == "bilinear":
-            pooled = F.interpolate(grid, size=(math.ceil(side / 2),) * 2, mode="bilinear", align_corners=False)
-        elif self.config.anyres_pool_mode == "average":
-            pooled = F.avg_pool2d(grid, 2)
-        else:
-            pooled = F.max_pool2d(grid, 2)
+        pooled = _POOLING[self.config.anyres_pool_mode](grid, self.config.geometry.pooled_side)
         return pooled.flatten(2).transpose(1, 2)  # [V, g*g, H]
 
-    def _split_anyres_views(self, pixel_values, image_sizes) -> list[torch.Tensor]:
+    def split_anyres_views(self, pixel_values, image_sizes) -> list[torch.Tensor]:
         """Per-image view tensors [V_i, 3, S, S] from a list or from the processor's zero-padded [B, V_max, 3, S, S]."""
         if image_sizes is None:
-            raise ValueError("vision_mode='lavida-hd' needs image_sizes [B, 2] as (width, height) per image, as "
-                             "ShirgLavidaProcessor returns them for this mode.")
+            raise ValueError("anyres vision modes need image_sizes [B, 2] as (width, height) per image, as "
+                             "ShirgLavidaProcessor returns them for these modes.")
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
             views_per_image = []
             for views, image_size in zip(pixel_values, image_sizes):
-                columns, rows = anyres_grid_shape(tuple(int(x) for x in image_size),
-                                                  self.config.image_grid_pinpoints, self.config.anyres_tile_size)
+                columns, rows = anyres_grid_shape(image_size.tolist(), self.config.geometry)
                 if 1 + rows * columns > views.shape[0]:
-                    raise ValueError(f"image of size {tuple(int(x) for x in image_size)} needs {1 + rows * columns} "
+                    raise ValueError(f"image of size {tuple(image_size.tolist())} needs {1 + rows * columns} "
                                      f"anyres views but pixel_values holds {views.shape[0]}")
                 views_per_image.append(views[: 1 + rows * columns])
         elif isinstance(pixel_values, (list, tuple)):
             views_per_image = list(pixel_values)
         else:
             raise ValueError(
-                "vision_mode='lavida-hd' needs pixel_values as a list of per-image view tensors [V_i, 3, S, S] or a "
+                "anyres vision modes need pixel_values as a list of per-image view tensors [V_i, 3, S, S] or a "
                 "zero-padded tensor [B, V_max, 3, S, S] (base view first, then the grid crops in row-major order), "
                 f"got {type(pixel_values).__name__} of shape {tuple(getattr(pixel_values, 'shape', ()))}."
             )
@@ -248,61 +191,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
             raise ValueError(f"got {len(views_per_image)} images but {len(image_sizes)} image_sizes")
         return views_per_image
 
-    def _lavida_hd_features(self, pixel_values, image_sizes) -> list[torch.Tensor]:
-        """LaViDa's anyres assembly: [base 14x14] + unpadded grid rows, each followed by `image_newline`."""
-        views_per_image = self._split_anyres_views(pixel_values, image_sizes)
-        tile = self.config.vision_config.image_size
-        for views in views_per_image:
-            self._check_pixel_size(views, tile, "lavida-hd")
-        projected = self.multi_modal_projector(self.vision_features(torch.cat(views_per_image)))  # [sum V, N, H]
-        pooled = self._pool_view(projected)  # [sum V, g*g, H]
-        side = math.isqrt(pooled.shape[1])
-        hidden = pooled.shape[-1]
-        image_embeds = []
-        for views, image_size in zip(pooled.split([len(v) for v in views_per_image]), image_sizes):
-            width, height = (int(x) for x in image_size)
-            base, tiles = views[0], views[1:]  # [g*g, H], [V-1, g*g, H]
-            if len(tiles) == 0:
-                image_embeds.append(torch.cat([base, self.image_newline[None].to(base.dtype)]))
-                continue
-            columns, rows = anyres_grid_shape((width, height), self.config.image_grid_pinpoints,
-                                              self.config.anyres_tile_size)
-            if rows * columns != len(tiles):
-                raise ValueError(
-                    f"image of size {(width, height)} needs a {columns}x{rows} anyres grid ({rows * columns} crops) "
-                    f"plus the base view, but got {len(views)} views"
-                )
-            grid = tiles.view(rows, columns, side, side, hidden).permute(4, 0, 2, 1, 3)  # [H, rows, g, cols, g]
-            feature_map = lavida_unpad(grid.reshape(hidden, rows * side, columns * side), (width, height))
-            newline = self.image_newline.to(feature_map.dtype)[:, None, None].expand(-1, feature_map.shape[1], 1)
-            feature_map = torch.cat([feature_map, newline], dim=-1)  # [H, h', w'+1]
-            image_embeds.append(torch.cat([base, feature_map.flatten(1).transpose(0, 1)]))
-        return image_embeds
-
     # ---- prompt assembly ---------------------------------------------------------------------------------
-    def budget_from_placeholders(self, placeholder_counts: torch.LongTensor) -> int:
-        """The SHIRG budget K whose token count (K, + 1 summary) equals the prompt's placeholders per row [B].
-
-        Lets `generate(**processor(..., shirg_budget=K))` work without repeating K; the config's budget wins
-        when it fits (K == N - 1 with a summary and K == N without one give the same count).
-        """
-        counts = placeholder_counts.unique().tolist()
-        if len(counts) != 1:
-            raise ValueError(f"rows have different numbers of image placeholder tokens {counts}; in 'shirg' mode "
-                             "every image of a batch uses the same budget K")
-        count = counts[0]
-        for budget in (self.config.selection["budget"], count - 1, count):
-            if 1 <= budget <= self.config.num_highres_patches:
-                try:
-                    if self.config.num_selected_tokens(budget) == count:
-                        return budget
-                except ValueError:
-                    continue
-        raise ValueError(
-            f"the prompt has {count} image placeholder tokens per row, which no valid SHIRG budget produces "
-            "(K kept tokens + 1 summary). Build the prompt with this model's processor, or pass shirg_budget=K."
-        )
-
     def embed_multimodal(
         self,
         input_ids: torch.LongTensor,
@@ -311,11 +200,16 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         shirg_budget: int | None = None,
         vision_mode: str | None = None,
         image_rows: torch.LongTensor | None = None,
+        selection_method: str | None = None,
+        selection_inputs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.LongTensor | None]:
         """Token embeddings with the visual tokens scattered (out of place) into the `<image>` positions.
 
-        `image_rows` [B] maps each row to one of the given images, so rows that share an image (LaViDa's
-        complementary-masking copies) run the tower and the selector once; default: row b uses image b.
+        `vision_mode`, `selection_method` and `shirg_budget` are those the processor expanded the prompt for (it
+        returns them with the batch); defaults: the config's. Every row's placeholder count is checked against
+        `visual_tokens.num_image_tokens`. `image_rows` [B] maps each row to one of the given images, so rows that
+        share an image (LaViDa's complementary-masking copies) run the tower and the selector once; default: row
+        b uses image b.
         """
         image_token_id = self.config.image_token_id
         vocab_size = self.config.text_config.vocab_size
@@ -329,26 +223,41 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
                 raise ValueError(f"input_ids contain {int(image_positions.sum())} image tokens (id {image_token_id}) "
                                  "but no pixel_values were given.")
             return inputs_embeds, None
-        if (vision_mode or self.config.vision_mode) == "shirg" and shirg_budget is None:
-            shirg_budget = self.budget_from_placeholders(image_positions.sum(-1))
-        image_embeds, kept_indices = self.get_image_features(pixel_values, vision_mode, image_sizes, shirg_budget)
-        if image_rows is not None:
-            if image_rows.shape != (input_ids.shape[0],) or not bool(
-                    ((image_rows >= 0) & (image_rows < len(image_embeds))).all()):
-                raise ValueError(f"image_rows must be [B] = [{input_ids.shape[0]}] indices into the "
-                                 f"{len(image_embeds)} images, got {image_rows.tolist()}")
-            image_embeds = [image_embeds[index] for index in image_rows.tolist()]
-            kept_indices = None if kept_indices is None else kept_indices[image_rows]
-        if len(image_embeds) != input_ids.shape[0]:
-            raise ValueError(f"Got {len(image_embeds)} images for a batch of {input_ids.shape[0]} rows; this model "
-                             "takes exactly one image per row.")
-        for row, (positions, embeds) in enumerate(zip(image_positions, image_embeds)):
-            if int(positions.sum()) != embeds.shape[0]:
+        mode = get_vision_mode(vision_mode or self.config.vision_mode)
+        if mode.selects:
+            shirg_budget = self.config.selection["budget"] if shirg_budget is None else int(shirg_budget)
+            selection_method = selection_method or self.config.selection["method"]
+        num_images = len(pixel_values)
+        rows = list(range(input_ids.shape[0])) if image_rows is None else image_rows.tolist()
+        if len(rows) != input_ids.shape[0] or not all(0 <= index < num_images for index in rows):
+            raise ValueError(f"image_rows must be [B] = [{input_ids.shape[0]}] indices into the {num_images} images, "
+                             f"got {rows}" if image_rows is not None else
+                             f"Got {num_images} images for a batch of {input_ids.shape[0]} rows; this model takes "
+                             "exactly one image per row.")
+        if mode.anyres and image_sizes is None:
+            raise ValueError(f"vision_mode={mode.name!r} needs image_sizes [B, 2] as (width, height) per image, as "
+                             "ShirgLavidaProcessor returns them for this mode.")
+        expected = [num_image_tokens(mode.name, self.config.geometry, self.config.selection, budget=shirg_budget,
+                                     method=selection_method,
+                                     image_size=tuple(int(x) for x in image_sizes[index]) if mode.anyres else None)
+                    for index in range(num_images)]
+        for row, (positions, index) in enumerate(zip(image_positions, rows)):
+            if int(positions.sum()) != expected[index]:
+                settings = f"vision_mode={mode.name!r}" + (
+                    f", selection_method={selection_method!r}, shirg_budget={shirg_budget}" if mode.selects else "")
                 raise ValueError(
-                    f"Row {row}: the prompt has {int(positions.sum())} image placeholder tokens but the image "
-                    f"produces {embeds.shape[0]} visual tokens in this vision mode / budget. Build the inputs with "
-                    "the processor configured like the model (same vision_mode and shirg_budget)."
+                    f"Row {row}: the prompt has {int(positions.sum())} image placeholder tokens but {settings} gives "
+                    f"{expected[index]} visual tokens per image. Pass the processor's output unchanged: it carries "
+                    "the vision_mode, selection_method and shirg_budget the prompt was expanded for."
                 )
+        image_embeds, kept_indices = self.get_image_features(
+            pixel_values, mode.name, image_sizes, shirg_budget, selection_method, selection_inputs)
+        for index, embeds in enumerate(image_embeds):
+            if embeds.shape[0] != expected[index]:
+                raise ValueError(f"the front end of vision_mode={mode.name!r} gave {embeds.shape[0]} tokens for image "
+                                 f"{index}, but its registered count is {expected[index]}")
+        image_embeds = [image_embeds[index] for index in rows]
+        kept_indices = None if kept_indices is None else kept_indices[torch.as_tensor(rows)]
         image_embeds = torch.cat(image_embeds).to(inputs_embeds.dtype)  # [sum n_i, H]
         inputs_embeds = inputs_embeds.masked_scatter(image_positions[..., None], image_embeds)
         return inputs_embeds, kept_indices
@@ -368,6 +277,9 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
         output_hidden_states: bool = False,
+        vision_mode: str | None = None,
+        selection_method: str | None = None,
+        selection_inputs: dict | None = None,
     ) -> ShirgLavidaOutput:
         """Masked-diffusion forward.
 
@@ -376,14 +288,16 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         [B] is given. Attention follows `config.training_attention`: `prefix_dlm` (default) lets prompt tokens
         (the first `prefix_lengths[b]` positions, image tokens included) attend only to the prompt, so training
         matches cached inference exactly; `full` is the original's bidirectional attention. `image_rows` [B]
-        lets rows share images (see `embed_multimodal`).
+        lets rows share images; `vision_mode`, `selection_method`, `shirg_budget` and `selection_inputs` choose
+        the front end as the processor / collator expanded the prompt (see `embed_multimodal`).
         """
         image_token_counts, kept_indices = None, None
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (with pixel_values for images) or inputs_embeds.")
             inputs_embeds, kept_indices = self.embed_multimodal(
-                input_ids, pixel_values, image_sizes, shirg_budget, image_rows=image_rows)
+                input_ids, pixel_values, image_sizes, shirg_budget, vision_mode, image_rows, selection_method,
+                selection_inputs)
             image_token_counts = (input_ids == self.config.image_token_id).sum(-1)
         elif pixel_values is not None:
             raise ValueError("Pass either inputs_embeds or pixel_values, not both.")
@@ -428,6 +342,8 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         image_sizes: torch.Tensor | None = None,
         shirg_budget: int | None = None,
         vision_mode: str | None = None,
+        selection_method: str | None = None,
+        selection_inputs: dict | None = None,
         generation_config=None,
         **kwargs,
     ):
@@ -437,15 +353,74 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         is cached once, and every diffusion step runs only the answer tokens against that read-only cache.
         `kwargs` override `self.generation_config` (a `DiffusionGenerationConfig`: `max_new_tokens`,
         `block_length`, `steps` / `step_ratio`, `schedule`, `remasking`, `temperature`, `stop_at_eos`, ...).
+        `vision_mode`, `selection_method` and `shirg_budget` come with the processor's output.
         """
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the processor's output) and, for images, pixel_values.")
-        inputs_embeds, _ = self.embed_multimodal(input_ids, pixel_values, image_sizes, shirg_budget, vision_mode)
+        inputs_embeds, _ = self.embed_multimodal(input_ids, pixel_values, image_sizes, shirg_budget, vision_mode,
+                                                 selection_method=selection_method, selection_inputs=selection_inputs)
         return diffusion_generate(
             self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             generation_config=generation_config if generation_config is not None else self.generation_config,
             **kwargs,
         )
+
+
+# ---- torch halves of the built-in vision modes ------------------------------------------------------------
+def _high_res_features(model, pixel_values, mode):
+    model._check_pixel_size(pixel_values, mode)
+    return model.vision_features(pixel_values)  # [B, N, Dv]
+
+
+@vision_front_end("shirg")
+def shirg_front_end(model, pixel_values, image_sizes=None, method=None, budget=None, selection_inputs=None):
+    """High-res patches -> K selected tokens (+ summary) -> projector."""
+    features = _high_res_features(model, pixel_values, "shirg")
+    selection = model.selector(features, grid_size=model.config.highres_grid, budget=budget, method=method,
+                               inputs=selection_inputs)  # tokens [B, K+1, Dv], kept [B, K]
+    return list(model.multi_modal_projector(selection.tokens).unbind(0)), selection.kept_indices
+
+
+@vision_front_end("full")
+def full_front_end(model, pixel_values, **unused):
+    """Every high-res patch -> projector."""
+    return list(model.multi_modal_projector(_high_res_features(model, pixel_values, "full")).unbind(0)), None
+
+
+@vision_front_end("lowres")
+def lowres_front_end(model, pixel_values, **unused):
+    """The tower's native view -> projector (LaViDa's 4-D tensor path: no pooling, no newline)."""
+    model._check_pixel_size(pixel_values, "lowres")
+    return list(model.multi_modal_projector(model.vision_features(pixel_values)).unbind(0)), None
+
+
+@vision_front_end("lavida-hd")
+def lavida_hd_front_end(model, pixel_values, image_sizes=None, **unused):
+    """LaViDa's anyres assembly: [pooled base view] + unpadded grid rows, each followed by `image_newline`."""
+    views_per_image = model.split_anyres_views(pixel_values, image_sizes)
+    for views in views_per_image:
+        model._check_pixel_size(views, "lavida-hd")
+    projected = model.multi_modal_projector(model.vision_features(torch.cat(views_per_image)))  # [sum V, N, H]
+    pooled = model.pool_views(projected)  # [sum V, g*g, H]
+    side = model.config.geometry.pooled_side
+    hidden = pooled.shape[-1]
+    image_embeds = []
+    for views, image_size in zip(pooled.split([len(v) for v in views_per_image]), image_sizes):
+        width, height = (int(x) for x in image_size)
+        base, tiles = views[0], views[1:]  # [g*g, H], [V-1, g*g, H]
+        if len(tiles) == 0:
+            image_embeds.append(torch.cat([base, model.image_newline[None].to(base.dtype)]))
+            continue
+        columns, rows = anyres_grid_shape((width, height), model.config.geometry)
+        if rows * columns != len(tiles):
+            raise ValueError(f"image of size {(width, height)} needs a {columns}x{rows} anyres grid ({rows * columns} "
+                             f"crops) plus the base view, but got {len(views)} views")
+        grid = tiles.view(rows, columns, side, side, hidden).permute(4, 0, 2, 1, 3)  # [H, rows, g, cols, g]
+        feature_map = lavida_unpad(grid.reshape(hidden, rows * side, columns * side), (width, height))
+        newline = model.image_newline.to(feature_map.dtype)[:, None, None].expand(-1, feature_map.shape[1], 1)
+        feature_map = torch.cat([feature_map, newline], dim=-1)  # [H, h', w'+1]
+        image_embeds.append(torch.cat([base, feature_map.flatten(1).transpose(0, 1)]))
+    return image_embeds, None
 
 
 __all__ = ["ShirgLavidaForDiffusionLM", "ShirgLavidaPreTrainedModel", "ShirgProjector", "ShirgLavidaOutput"]

@@ -1,71 +1,10 @@
-"""SHIRG: static, parameter-free selection of K high-resolution SigLIP patch tokens plus one summary token.
+"""SHIRG selection: keep K of the N high-resolution patch tokens (+1 summary token), parameter-free.
 
-`ShirgSelector` turns the raw tower features `F [B, N = H*W, D]` (672 px -> 48 x 48 = 2,304 patches, D = 1,152)
-into `K` kept tokens in raster order followed by one summary token, before the projector. It runs once per image
-before diffusion starts, so the prefix (and its KV cache) never changes afterwards.
-
-Algorithm (`method="shirg"`), per image, in float32 whatever the input dtype:
-
-1. Three scores, each scaled to [0, 1] per image, combined as `s = 0.6 A + 0.25 M + 0.15 G` (weights configurable):
-
-   - **A, importance = redundancy-normalised received attention.** The research plan's "column mean of a softmax
-     over scaled cosine similarities" rewards bland background: a white-page token is attended by the hundreds
-     of white-page tokens that look like it, so it receives more mass than a glyph does. Checked on synthetic
-     images with known text patches (a PIL-rendered text page and a "photo" with a text sign, each encoded by
-     random SigLIP towers of 3 sizes, plus a hand-built 48 x 48 x 1152 feature map): that naive score ranks the
-     background above the text (AUROC text vs. background 0.00-0.03). We therefore divide the attention a
-     token receives by the number of tokens that look like it:
-
-         K_ij = exp(tau (cos(x_i, x_j) - 1)),  Z_i = sum_j K_ij,  P_ij = K_ij / Z_i          (similarity softmax)
-         A_j  = log(sum_i P_ij) - log(Z_j)      ("received attention per look-alike", in nats)
-
-     A distinctive token keeps the attention it receives; a repetitive token shares it with all its look-alikes.
-     On the same 7 cases this gives AUROC 0.97-1.00. (Plain distinctiveness, 1 - mean cosine, did as well on
-     them but cannot use the tower's attention; weighting received attention by the query's distinctiveness
-     failed, AUROC 0.00, because glyph patches are mostly white and attend to the page.) When the tower's own
-     attention maps are supplied (`attentions=`), they replace `P`; the redundancy `Z` still comes from the
-     features. The diagonal of `K` is set to exactly 1, so every log is finite.
-     The kernel sharpness is set per image from the features (a mean-distance heuristic, like the median
-     heuristic for RBF kernels): `tau = 4 / (1 - mean off-diagonal cosine)`, so a token as similar as the image
-     average counts e^-4 of a duplicate. The cosine scale varies between towers and images (mean cosine
-     0.79-0.98 on the cases above), and a fixed tau that suits one scale counts nearly everything, or nothing,
-     as a look-alike on another: fixed values between 5 and 100 lost up to 0.08 AUROC on some of the cases.
-   - **M, magnitude**: L2 norm of the RAW features. ViT feature norms are heavy-tailed (a few "artifact"
-     tokens can be 10x the rest), so M is min-max scaled between the minimum and the 99th percentile and
-     clipped: a handful of outliers cannot squash every other token to ~0.
-   - **G, spatial gradient**: mean L2 distance between the token's unit-normalised feature and those of its
-     (up to 4) grid neighbours. Unit-normalising makes G measure a change of *content* (edges, thin text
-     strokes) rather than a change of norm, which M already covers.
-
-   A and G are min-max scaled. Min-max scaling would stretch a near-constant score's float32 rounding noise
-   to the full [0, 1]; ranges narrower than 1e-4 of the values' magnitude are therefore left near 0.
-
-2. **Coverage**: the H x W grid is split into `coverage_cells` (rows x cols, default 8 x 8 = 64 cells of 6 x 6
-   patches; patch row r lies in cell row `floor(r * rows / H)`, likewise for columns, so every cell is non-empty
-   whenever the cell grid is no finer than the patch grid). Every cell keeps its best
-   token; the remaining `K - rows*cols` slots go to the best remaining tokens.
-3. Kept tokens are returned in raster order with their indices and (row, col) coordinates.
-4. **Summary token**: the softmax(score)-weighted average of the DROPPED tokens (scores are in [0, 1], so the
-   weights differ by at most e^1 = 2.7x: near-misses count more than plain background, yet nothing dominates).
-   It is appended after the kept tokens: `K + 1` tokens out (`K` when K == N, or summary off).
-
-Determinism: ranking uses a stable sort, so ties go to the lower index; every image is scored and selected on its
-own (no cross-image reduction), so an image gives identical indices alone or in a batch of any size; reductions
-are row- or column-wise (never a thread-split reduction to a scalar or a BLAS matrix-vector product), so scores
-are bit-identical for 1 or 2 threads. The tests check both.
-
-Gradients: the choice of indices is discrete; scores are computed on detached features and are constants for
-autograd. Gradients flow to `F` through the gathered kept tokens and through the summary (a fixed convex
-combination of dropped features), which is what LoRA training of the projector/LM needs, without back-propagating
-through the N x N kernel (which would cost N^2 memory per image for a selection heuristic).
-
-Baselines, same output contract (`method=`): `full` (all N tokens, no summary), `random` (seeded), `pooled`,
-`magnitude`, `importance`, `gradient` (one score alone, no coverage), `no_coverage` (SHIRG score, plain top-K),
-`no_summary` (SHIRG without the summary token). `random` draws one priority per grid position from
-`torch.Generator().manual_seed(seed)`: the pattern depends on the seed and the grid size only, so every image gets
-the same kept positions whatever the batch. `pooled` averages a near-regular partition of the grid into exactly K
-rectangles (see `pooling_regions`); it does not score tokens (scores are 0) and its summary is the image mean.
-Every other method's summary weighs its dropped tokens by softmax of its own scores (`random`: its priorities).
+`ShirgSelector` runs once per image before diffusion starts, so the prefix KV cache never changes afterwards.
+Every method is an entry of the selection-method registry (`visual_tokens.py`); this module attaches the built-in
+scorers. Scoring runs in float32 on detached features; each image is scored on its own with stable sorts and
+thread-count invariant reductions, so results are identical alone or in a batch and for any thread count.
+The algorithm, its measured design choices and the baselines are described in docs/selection.md.
 """
 
 import math
@@ -74,11 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Must match `SELECTION_METHODS` / `DEFAULT_SELECTION` in configuration_shirg_lavida.py (a test checks this); kept
-# here so this module needs torch only.
-METHODS = ("shirg", "full", "random", "pooled", "magnitude", "importance", "gradient", "no_coverage", "no_summary")
-# Methods that rank without the coverage guarantee: any 1 <= K <= N is allowed.
-METHODS_WITHOUT_COVERAGE = ("random", "pooled", "magnitude", "importance", "gradient", "no_coverage")
+from .visual_tokens import (
+    DEFAULT_SELECTION,
+    SCORE_TERMS,
+    check_budget,
+    check_coverage,
+    check_selection,
+    has_summary,
+    num_selected_tokens,
+    get_selection_method,
+    selection_scorer,
+)
+
 # Kernel sharpness of the importance score: a token as similar as the image average weighs e^-4 of a duplicate.
 KERNEL_SHARPNESS = 4.0
 # Magnitudes above this per-image quantile saturate at 1 (robust to a few high-norm artifact tokens).
@@ -273,103 +219,105 @@ def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -
     return (weights[:, None] * features.to(torch.float32)).sum(dim=0)  # column sums: thread-count invariant
 
 
+# ---- built-in scorers: scorer(features [N, D], grid_size, settings, **inputs) -> [N] ------------------------
+@selection_scorer("shirg")
+@selection_scorer("full")
+@selection_scorer("no_coverage")
+@selection_scorer("no_summary")
+def shirg_score(features, grid_size, settings, attention=None, **inputs) -> torch.Tensor:
+    """The weighted SHIRG score sum_t w_t S_t over `SCORE_TERMS` (weights `settings["weights"]`)."""
+    components = score_components(features, grid_size, attention)
+    return sum(weight * components[term] for weight, term in zip(settings["weights"], SCORE_TERMS))
+
+
+def _single_term_scorer(term: str):
+    def score(features, grid_size, settings, attention=None, **inputs) -> torch.Tensor:
+        return score_components(features, grid_size, attention, names=(term,))[term]
+
+    score.__name__ = f"{term}_score"
+    return score
+
+
+for _term in SCORE_TERMS:
+    selection_scorer(_term)(_single_term_scorer(_term))
+
+
+@selection_scorer("random")
+def random_score(features, grid_size, settings, **inputs) -> torch.Tensor:
+    """One seeded priority per grid position: every image of any batch keeps the same positions."""
+    generator = torch.Generator().manual_seed(settings["seed"])
+    return torch.rand(features.shape[0], generator=generator).to(features.device)
+
+
+def _pooled_tokens(features, scores, budget, grid_size):
+    """`pooled`: K region means of `pooling_regions`, their centre patches, and the image mean as summary."""
+    tokens, kept = _pool(features, grid_size, budget)
+    return tokens, kept, features.to(torch.float32).mean(dim=0)
+
+
+@selection_scorer("pooled", builder=_pooled_tokens)
+def pooled_score(features, grid_size, settings, **inputs) -> torch.Tensor:
+    """`pooled` does not rank tokens: all scores are 0."""
+    return torch.zeros(features.shape[0], dtype=torch.float32, device=features.device)
+
+
 # ---- selector ----------------------------------------------------------------------------------------------
 class ShirgSelector(nn.Module):
     """Keep K of N high-resolution patch tokens (+1 summary); parameter-free and deterministic.
 
-    Args:
-        method: one of `METHODS` (`shirg` or an ablation baseline; see the module docstring).
-        budget: default K when the call passes none.
-        coverage_cells: (rows, cols) of the coverage grid; every cell keeps at least one token.
-        weights: (importance, magnitude, gradient) weights of the SHIRG score; non-negative, sum 1.
-        summary: append the summary token (ignored by `full`, `no_summary` and when K == N).
-        seed: seed of the `random` baseline.
+    Args: the `selection` settings (see `visual_tokens.DEFAULT_SELECTION`): `method` (a registered selection
+    method), `budget` (default K), `coverage_cells` (rows, cols), `weights` (importance, magnitude, gradient; sum
+    1), `summary` (append the summary token when the method adds one and K < N), `seed` (`random`).
     """
 
     def __init__(
         self,
-        method: str = "shirg",
-        budget: int = 768,
-        coverage_cells: tuple[int, int] = (8, 8),
-        weights: tuple[float, float, float] = (0.6, 0.25, 0.15),
-        summary: bool = True,
-        seed: int = 0,
+        method: str = DEFAULT_SELECTION["method"],
+        budget: int = DEFAULT_SELECTION["budget"],
+        coverage_cells: tuple[int, int] = tuple(DEFAULT_SELECTION["coverage_cells"]),
+        weights: tuple[float, float, float] = tuple(DEFAULT_SELECTION["weights"]),
+        summary: bool = DEFAULT_SELECTION["summary"],
+        seed: int = DEFAULT_SELECTION["seed"],
     ):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"ShirgSelector: method must be one of {METHODS}, got {method!r}")
-        if not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1):
-            raise ValueError(f"ShirgSelector: budget must be an integer >= 1, got {budget!r}")
-        coverage_cells = tuple(coverage_cells)
-        if len(coverage_cells) != 2 or not all(isinstance(c, int) and c >= 1 for c in coverage_cells):
-            raise ValueError(
-                f"ShirgSelector: coverage_cells must be (rows, cols) of positive integers, got {coverage_cells!r}"
-            )
-        weights = tuple(float(w) for w in weights)
-        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
-            raise ValueError(
-                "ShirgSelector: weights must be three non-negative numbers (importance, magnitude, gradient) "
-                f"summing to 1, e.g. (0.6, 0.25, 0.15); got {weights!r}"
-            )
-        if not isinstance(summary, bool):
-            raise ValueError(f"ShirgSelector: summary must be True or False, got {summary!r}")
-        if not isinstance(seed, int):
-            raise ValueError(f"ShirgSelector: seed must be an integer, got {seed!r}")
-        self.method = method
-        self.budget = budget
-        self.coverage_cells = coverage_cells
-        self.weights = weights
-        self.summary = summary
-        self.seed = seed
+        settings = check_selection(dict(method=method, budget=budget, coverage_cells=coverage_cells,
+                                        weights=weights, summary=summary, seed=seed))
+        self.method = settings["method"]
+        self.budget = settings["budget"]
+        self.coverage_cells = tuple(settings["coverage_cells"])
+        self.weights = tuple(settings["weights"])
+        self.summary = settings["summary"]
+        self.seed = settings["seed"]
 
     @classmethod
     def from_config(cls, config) -> "ShirgSelector":
-        """Build from any config with a `selection` mapping (method, budget, weights, coverage_cells, summary, seed)."""
+        """Build from any config with a `selection` mapping (missing keys take the defaults)."""
         selection = getattr(config, "selection", None)
         if not hasattr(selection, "get"):
             raise ValueError(
                 f"ShirgSelector.from_config needs a config with a `selection` dict, got {type(config).__name__} "
                 f"with selection={selection!r}"
             )
-        return cls(
-            method=selection.get("method", "shirg"),
-            budget=selection.get("budget", 768),
-            coverage_cells=tuple(selection.get("coverage_cells", (8, 8))),
-            weights=tuple(selection.get("weights", (0.6, 0.25, 0.15))),
-            summary=selection.get("summary", True),
-            seed=selection.get("seed", 0),
-        )
+        return cls(**{**DEFAULT_SELECTION, **selection})
+
+    @property
+    def settings(self) -> dict:
+        """The selection settings as the `selection` dict of a config."""
+        return {"method": self.method, "budget": self.budget, "weights": list(self.weights),
+                "coverage_cells": list(self.coverage_cells), "summary": self.summary, "seed": self.seed}
 
     def extra_repr(self) -> str:
-        return (
-            f"method={self.method!r}, budget={self.budget}, coverage_cells={self.coverage_cells}, "
-            f"weights={self.weights}, summary={self.summary}, seed={self.seed}"
-        )
+        return ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
 
-    # ---- validation --------------------------------------------------------------------------------------
-    def check_budget(self, budget: int, num_patches: int) -> None:
-        """Raise `ValueError` unless coverage cells <= K <= N (1 <= K <= N for methods without coverage)."""
-        cell_rows, cell_cols = self.coverage_cells
-        low = 1 if self.method in METHODS_WITHOUT_COVERAGE else cell_rows * cell_cols
-        if not (isinstance(budget, int) and not isinstance(budget, bool) and low <= budget <= num_patches):
-            raise ValueError(
-                f"ShirgSelector(method={self.method!r}): budget K must be an integer in [{low}, {num_patches}] "
-                f"({'K >= 1' if low == 1 else f'one token per coverage cell, {cell_rows}x{cell_cols} = {low}'}, "
-                f"at most the {num_patches} patches), got {budget!r}"
-            )
+    def check_budget(self, budget: int, num_patches: int, method: str | None = None) -> None:
+        """Raise `ValueError` unless K is valid for the method (see `visual_tokens.check_budget`)."""
+        check_budget(budget, self.settings, num_patches, method)
 
-    def num_output_tokens(self, num_patches: int, budget: int | None = None) -> int:
-        """Number of tokens `forward` returns per image (K, K + 1, or N for `full`)."""
-        budget = self.budget if budget is None else budget
-        self.check_budget(budget, num_patches)
-        if self.method == "full":
-            return num_patches
-        return budget + int(self._with_summary(budget, num_patches))
+    def num_output_tokens(self, num_patches: int, budget: int | None = None, method: str | None = None) -> int:
+        """Number of tokens `forward` returns per image (K, K + 1, or N)."""
+        return num_selected_tokens(self.settings, num_patches, budget, method)
 
-    def _with_summary(self, budget: int, num_patches: int) -> bool:
-        return self.summary and self.method not in ("full", "no_summary") and budget < num_patches
-
-    def _check_inputs(self, features, grid_size, attentions) -> tuple[int, int]:
+    def _check_inputs(self, features, grid_size, method, inputs) -> tuple[int, int]:
         if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
             raise ValueError(
                 "ShirgSelector expects floating-point features of shape [batch, num_patches, hidden], got "
@@ -394,64 +342,58 @@ class ShirgSelector(nn.Module):
                 f"ShirgSelector: grid_size {grid_size} has {grid_size[0] * grid_size[1]} patches but features "
                 f"have {num_patches}; pass the tower's patch grid (e.g. (48, 48) for 672 px at patch 14)"
             )
-        cell_rows, cell_cols = self.coverage_cells
-        if self.method not in METHODS_WITHOUT_COVERAGE and (cell_rows > grid_size[0] or cell_cols > grid_size[1]):
-            raise ValueError(
-                f"ShirgSelector: coverage_cells {self.coverage_cells} exceed the {grid_size[0]}x{grid_size[1]} "
-                "patch grid; use at most one cell per patch row/column"
-            )
+        check_coverage(self.settings, grid_size, method)
         if not torch.isfinite(features.sum(dtype=torch.float32)):  # one pass; NaN and inf propagate into the sum
             raise ValueError("ShirgSelector: features contain NaN or infinite values")
-        if attentions is not None:
-            valid = isinstance(attentions, torch.Tensor) and attentions.is_floating_point()
-            if not valid or attentions.dim() not in (3, 4) or (
-                (attentions.shape[0], *attentions.shape[-2:]) != (batch, num_patches, num_patches)
-            ):
-                raise ValueError(
-                    "ShirgSelector: attentions must be [batch, num_patches, num_patches] or [batch, heads, "
-                    f"num_patches, num_patches] matching features {tuple(features.shape)}, got "
-                    f"{tuple(getattr(attentions, 'shape', ()))}"
-                )
+        missing = [name for name in get_selection_method(method).requires if inputs.get(name) is None]
+        if missing:
+            raise ValueError(f"selection method {method!r} needs the per-image input(s) {missing}: pass "
+                             f"selection_inputs={{{missing[0]!r}: tensor [batch, ...]}}")
+        for name, value in inputs.items():
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape[0] != batch):
+                raise ValueError(f"ShirgSelector: selection input {name!r} must be a tensor [batch={batch}, ...], "
+                                 f"got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}")
+        attention = inputs.get("attention")
+        if attention is not None and (not attention.is_floating_point() or attention.dim() not in (3, 4) or
+                                      attention.shape[-2:] != (num_patches, num_patches)):
+            raise ValueError(
+                "ShirgSelector: attentions must be [batch, num_patches, num_patches] or [batch, heads, "
+                f"num_patches, num_patches] matching features {tuple(features.shape)}, got {tuple(attention.shape)}"
+            )
         return grid_size
 
     # ---- selection ---------------------------------------------------------------------------------------
-    def score(
-        self, features: torch.Tensor, grid_size: tuple[int, int], attention: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The method's ranking score of one image: features [N, D] -> [N] float32."""
-        num_patches = features.shape[0]
-        if self.method == "pooled":
-            return torch.zeros(num_patches, dtype=torch.float32, device=features.device)
-        if self.method == "random":
-            generator = torch.Generator().manual_seed(self.seed)
-            return torch.rand(num_patches, generator=generator).to(features.device)
-        if self.method in ("importance", "magnitude", "gradient"):
-            return score_components(features, grid_size, attention, names=(self.method,))[self.method]
-        components = score_components(features, grid_size, attention)
-        weight_a, weight_m, weight_g = self.weights
-        return (weight_a * components["importance"] + weight_m * components["magnitude"]
-                + weight_g * components["gradient"])
+    def score(self, features: torch.Tensor, grid_size: tuple[int, int], attention: torch.Tensor | None = None,
+              method: str | None = None, **inputs) -> torch.Tensor:
+        """The method's ranking score of one image: features [N, D] -> [N] float32 (a constant for autograd)."""
+        spec = get_selection_method(method or self.method)
+        if spec.scorer is None:
+            raise ValueError(f"selection method {spec.name!r} has no scorer: register one with "
+                             f"@register_selection_method({spec.name!r}, ...) on a scoring function")
+        if attention is not None:
+            inputs["attention"] = attention
+        with torch.no_grad():
+            scores = spec.scorer(features, grid_size, self.settings, **inputs)
+        return scores.detach().to(torch.float32)
 
-    def _select_one(self, features, grid_size, budget, attention):
+    def _select_one(self, features, grid_size, budget, method, inputs):
         """One image: features [N, D] -> (tokens [T, D], kept indices [K], scores [N])."""
+        spec = get_selection_method(method)
         num_patches = features.shape[0]
-        scores = self.score(features, grid_size, attention)  # [N]
-        if self.method == "full" or budget == num_patches:
+        scores = self.score(features, grid_size, method=method, **inputs)  # [N]
+        if spec.keeps_all or budget == num_patches:
             return features, torch.arange(num_patches, device=features.device), scores
-        if self.method == "pooled":
-            pooled, kept = _pool(features, grid_size, budget)  # [K, D], [K]
-            if self._with_summary(budget, num_patches):
-                pooled = torch.cat([pooled, features.to(torch.float32).mean(dim=0, keepdim=True)])
-            return pooled.to(features.dtype), kept, scores
-        cells = None
-        if self.method not in METHODS_WITHOUT_COVERAGE:
-            cells = coverage_cell_ids(grid_size, self.coverage_cells).to(features.device)
-        kept = _top_k(scores, budget, cells)  # [K]
-        tokens = features[kept]  # [K, D]
-        if self._with_summary(budget, num_patches):
-            summary = _summary(features, scores, kept).to(features.dtype)  # [D]
-            tokens = torch.cat([tokens, summary[None]])
-        return tokens, kept, scores
+        if spec.builder is not None:
+            tokens, kept, summary = spec.builder(features, scores, budget, grid_size)  # [K, D], [K], [D]
+        else:
+            cells = coverage_cell_ids(grid_size, self.coverage_cells).to(features.device) if spec.uses_coverage \
+                else None
+            kept = _top_k(scores, budget, cells)  # [K]
+            tokens, summary = features[kept], None
+        if has_summary(self.settings, budget, num_patches, method):
+            summary = _summary(features, scores, kept) if summary is None else summary  # [D] float32
+            tokens = torch.cat([tokens, summary[None].to(tokens.dtype)])
+        return tokens.to(features.dtype), kept, scores
 
     def forward(
         self,
@@ -459,24 +401,29 @@ class ShirgSelector(nn.Module):
         grid_size: tuple[int, int] | None = None,
         budget: int | None = None,
         attentions: torch.Tensor | None = None,
+        method: str | None = None,
+        inputs: dict | None = None,
     ) -> SelectionOutput:
         """Select K tokens per image.
 
         Args:
             features: [B, N, D] raw tower output (before post_layernorm), any float dtype.
             grid_size: (H, W) of the patch grid, H * W = N (default: square).
-            budget: K (default: the selector's `budget`).
-            attentions: optional tower attention [B, N, N] or [B, heads, N, N] (rows = queries) used by the
-                importance score instead of the feature-similarity softmax.
+            budget: K (default: the selector's `budget`); method: a registered method (default: the selector's).
+            attentions: optional tower attention [B, N, N] or [B, heads, N, N] (rows = queries) for the importance
+                score instead of the feature-similarity softmax (the `attention` selection input).
+            inputs: per-image selection inputs {name: [B, ...]} a method `requires` (e.g. an oracle's priority).
         """
-        grid_size = self._check_inputs(features, grid_size, attentions)
+        method = method or self.method
+        inputs = {**(inputs or {}), **({"attention": attentions} if attentions is not None else {})}
+        grid_size = self._check_inputs(features, grid_size, method, inputs)
         batch, num_patches, _ = features.shape
         budget = self.budget if budget is None else budget
-        self.check_budget(budget, num_patches)
+        check_budget(budget, self.settings, num_patches, method)
         tokens, kept, scores = [], [], []
         for row in range(batch):
-            attention = None if attentions is None else attentions[row]
-            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, attention)
+            row_inputs = {name: value[row] for name, value in inputs.items() if value is not None}
+            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, method, row_inputs)
             tokens.append(row_tokens)
             kept.append(row_kept)
             scores.append(row_scores)
@@ -487,8 +434,8 @@ class ShirgSelector(nn.Module):
             kept_indices=kept_indices,
             kept_coords=kept_coords,
             scores=torch.stack(scores),
-            has_summary=self._with_summary(budget, num_patches),
+            has_summary=has_summary(self.settings, budget, num_patches, method),
         )
 
 
-__all__ = ["ShirgSelector", "SelectionOutput", "METHODS", "pooling_regions", "score_components"]
+__all__ = ["ShirgSelector", "SelectionOutput", "pooling_regions", "score_components"]

@@ -4,9 +4,9 @@ Every view goes through transformers' SigLIP PIL pipeline unchanged: a bicubic s
 preservation, no crop), rescale by 1/255, normalise with mean = std = 0.5. With `size` 384 the output equals
 `SiglipImageProcessor` for google/siglip-so400m-patch14-384 exactly.
 
-`do_anyres=True` produces LaViDa-HD's views instead (LAVIDA-SPEC.md §3.3): the base view (the whole image
-squashed) followed by the `anyres_tile_size` tiles of the image resized and padded to the best grid pinpoint,
-in row-major order. The pure functions below give the geometry and the visual token count of that mode.
+`do_anyres=True` produces LaViDa-HD's views instead: the base view (the whole image squashed) followed by the
+`anyres_tile_size` tiles of the image resized and padded to the best grid pinpoint, in row-major order. The
+geometry and the token counts of every mode live in `visual_tokens.py`.
 """
 
 import math
@@ -18,97 +18,18 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_processing_utils import select_best_resolution as _select_best_resolution_hw
 from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.processing_utils import ImagesKwargs, Unpack
 
+from .visual_tokens import LAVIDA_GEOMETRY, check_pinpoints, select_best_resolution
 
-LAVIDA_GRID_PINPOINTS = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SUPPORTED_TYPES = (
     "a PIL.Image.Image, a numpy array (H, W, C) or (H, W), a torch tensor (C, H, W) or (H, W), or a path to an "
     "image file"
 )
-
-
-# ---- LaViDa anyres geometry (pure functions; sizes are (width, height) as in LaViDa) -----------------------
-def check_grid_pinpoints(grid_pinpoints, tile_size: int) -> list[tuple[int, int]]:
-    """Validate anyres pinpoints ([width, height] multiples of `tile_size`) and return them as tuples."""
-    if not isinstance(tile_size, int) or tile_size <= 0:
-        raise ValueError(f"anyres tile size must be a positive integer, got {tile_size!r}")
-    pinpoints = [tuple(p) for p in grid_pinpoints or ()]
-    if not pinpoints or any(
-        len(p) != 2 or not all(isinstance(s, int) and s > 0 and s % tile_size == 0 for s in p) for p in pinpoints
-    ):
-        raise ValueError(
-            f"image_grid_pinpoints must be a non-empty list of [width, height] pairs, each a positive multiple of "
-            f"the tile size {tile_size}; got {grid_pinpoints!r}"
-        )
-    return pinpoints
-
-
-def _check_image_size(image_size) -> tuple[int, int]:
-    if len(image_size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size):
-        raise ValueError(f"image_size must be (width, height) with positive integers, got {image_size!r}")
-    return int(image_size[0]), int(image_size[1])
-
-
-def select_best_resolution(image_size: tuple[int, int], grid_pinpoints) -> tuple[int, int]:
-    """The grid pinpoint (width, height) LaViDa/LLaVA-NeXT picks for an image of `image_size` (width, height).
-
-    Maximises the effective resolution min(int(w*s) * int(h*s), w*h), s = min(W/w, H/h), then minimises the
-    wasted area; the first pinpoint wins exact ties. transformers' `select_best_resolution` implements the
-    same rule in (height, width) order, so the pairs are swapped around the call.
-    """
-    width, height = _check_image_size(image_size)
-    pinpoints_hw = [(h, w) for w, h in grid_pinpoints]
-    best_height, best_width = _select_best_resolution_hw((height, width), pinpoints_hw)
-    return best_width, best_height
-
-
-def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints, tile_size: int) -> tuple[int, int]:
-    """(tiles per row nw, tiles per column nh) of the grid chosen for `image_size` (width, height)."""
-    pinpoints = check_grid_pinpoints(grid_pinpoints, tile_size)
-    best_width, best_height = select_best_resolution(image_size, pinpoints)
-    return best_width // tile_size, best_height // tile_size
-
-
-def unpadded_grid_size(grid_size: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
-    """(rows, cols) of the stitched tile-feature map after LaViDa's `unpad_image` for `image_size` (width, height).
-
-    The padding rows (or columns) are removed with LaViDa's arithmetic: plain `int()` truncation of the
-    rescaled side and a symmetric slice [pad, side - pad), so an odd difference keeps one extra row
-    (640x480 on a 28x28 map -> 22 rows). transformers' LLaVA-NeXT `unpad_image` rounds first and can differ
-    by one row or column, hence this own implementation.
-    """
-    rows, cols = grid_size
-    width, height = _check_image_size(image_size)
-    if width / height > cols / rows:
-        new_rows = int(height * (cols / width))
-        pad = (rows - new_rows) // 2
-        return rows - 2 * pad, cols
-    new_cols = int(width * (rows / height))
-    pad = (cols - new_cols) // 2
-    return rows, cols - 2 * pad
-
-
-def lavida_hd_num_tokens(
-    image_size: tuple[int, int],
-    grid_pinpoints=LAVIDA_GRID_PINPOINTS,
-    tile_size: int = 384,
-    pooled_side: int = 14,
-) -> int:
-    """Visual tokens of one image in `lavida-hd` mode: pooled_side**2 (base view) + H' * (W' + 1).
-
-    H' x W' is the unpadded stitched map of pooled tiles; every row ends with an `image_newline` token.
-    For so400m (pooled_side 14): 406 for small squares, 1008 at most, 776 for 700x500.
-    """
-    if not isinstance(pooled_side, int) or pooled_side <= 0:
-        raise ValueError(f"pooled_side must be a positive integer, got {pooled_side!r}")
-    grid_cols, grid_rows = anyres_grid_shape(image_size, grid_pinpoints, tile_size)
-    rows, cols = unpadded_grid_size((grid_rows * pooled_side, grid_cols * pooled_side), image_size)
-    return pooled_side * pooled_side + rows * (cols + 1)
 
 
 def anyres_views(
@@ -120,9 +41,8 @@ def anyres_views(
     tiles come from an aspect-preserving resize (one side fills the pinpoint, the other is ceil-ed and
     clipped) pasted centred on a black canvas of the chosen pinpoint, cut row-major into tile_size squares.
     """
-    pinpoints = check_grid_pinpoints(grid_pinpoints, tile_size)
     width, height = image.size
-    target_width, target_height = select_best_resolution((width, height), pinpoints)
+    target_width, target_height = select_best_resolution((width, height), check_pinpoints(grid_pinpoints, tile_size))
     scale_w, scale_h = target_width / width, target_height / height
     if scale_w < scale_h:
         new_width, new_height = target_width, min(math.ceil(height * scale_w), target_height)
@@ -283,13 +203,13 @@ class ShirgImageProcessor(SiglipImageProcessorPil):
     valid_kwargs = ShirgImageProcessorKwargs
     model_input_names = ["pixel_values", "image_sizes"]
 
-    size = {"height": 672, "width": 672}
+    size = {"height": LAVIDA_GEOMETRY.highres_side, "width": LAVIDA_GEOMETRY.highres_side}
     resample = PILImageResampling.BICUBIC
     image_mean = [0.5, 0.5, 0.5]
     image_std = [0.5, 0.5, 0.5]
     do_anyres = False
-    image_grid_pinpoints = LAVIDA_GRID_PINPOINTS
-    anyres_tile_size = 384
+    image_grid_pinpoints = [list(p) for p in LAVIDA_GEOMETRY.pinpoints]
+    anyres_tile_size = LAVIDA_GEOMETRY.tile_size
 
     def __init__(self, **kwargs: Unpack[ShirgImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -336,13 +256,4 @@ class ShirgImageProcessor(SiglipImageProcessorPil):
                             tensor_type=return_tensors)
 
 
-__all__ = [
-    "ShirgImageProcessor",
-    "anyres_grid_shape",
-    "anyres_views",
-    "check_grid_pinpoints",
-    "lavida_hd_num_tokens",
-    "select_best_resolution",
-    "to_rgb_image",
-    "unpadded_grid_size",
-]
+__all__ = ["ShirgImageProcessor", "anyres_views", "to_rgb_image"]

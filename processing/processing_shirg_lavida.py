@@ -1,33 +1,28 @@
 """ShirgLavidaProcessor: tokenizer + ShirgImageProcessor + the LLaDA chat template.
 
 The `<image>` placeholder of a prompt is expanded into exactly as many image tokens as the model's vision
-front end produces for the configured mode: K + 1 (`shirg`, K selected tokens + 1 summary token), 2,304
-(`full`, all 48x48 patches at 672 px), 729 (`lowres`, one 384 view) or LaViDa's image-size dependent count
-(`lavida-hd`: 196 + H'(W' + 1), see `lavida_hd_num_tokens`). The numbers come from plain saved kwargs, so
-the processor loads alone (`AutoProcessor`, `trust_remote_code=True`); `from_model_config` reads them from a
-`ShirgLavidaConfig`.
+front end produces for the mode, selection method and budget of the call (`visual_tokens.num_image_tokens`), and
+the returned `BatchFeature` says which (`vision_mode`, and for selecting modes `selection_method` and
+`shirg_budget`), so the model uses the very settings the prompt was built for. The geometry and selection
+settings are saved with the processor, so it loads alone (`AutoProcessor`, `trust_remote_code=True`).
 """
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_shirg import (
-    LAVIDA_GRID_PINPOINTS,
-    ShirgImageProcessor,
-    check_grid_pinpoints,
-    flatten_images,
-    lavida_hd_num_tokens,
+from .image_processing_shirg import ShirgImageProcessor, flatten_images
+from .visual_tokens import (
+    DEFAULT_VISION_MODE,
+    LAVIDA_GEOMETRY,
+    Geometry,
+    check_budget,
+    check_selection,
+    num_image_tokens,
+    get_vision_mode,
 )
 
 
 IMAGE_PLACEHOLDER = "<image>"
-# Mirrors of the config's VISION_MODES / SELECTION_METHODS (this remote-code module cannot import modeling/).
-VISION_MODES = ("shirg", "full", "lowres", "lavida-hd")
-SELECTION_METHODS = (
-    "shirg", "full", "random", "pooled", "magnitude", "importance", "gradient", "no_coverage", "no_summary",
-)
-# Selection baselines that do not reserve coverage cells: K may go down to 1 (mirrors ShirgLavidaConfig.check_budget).
-_METHODS_WITHOUT_COVERAGE = ("random", "pooled", "magnitude", "importance", "gradient", "no_coverage")
 
 LAVIDA_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
@@ -74,29 +69,20 @@ def build_prompt(question: str, system_prompt: str | None = LAVIDA_SYSTEM_PROMPT
     return f"<|startoftext|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def _positive_int(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
-
-
 class ShirgLavidaProcessor(ProcessorMixin):
     r"""
-    Builds model inputs for ShirgLavidaForDiffusionLM: `input_ids`, `attention_mask`, `pixel_values` and, for
-    `lavida-hd`, `image_sizes` [num_images, 2] as (width, height).
+    Builds model inputs for ShirgLavidaForDiffusionLM: `input_ids`, `attention_mask`, `pixel_values`, for
+    anyres modes `image_sizes` [num_images, 2] as (width, height), and the settings the image tokens were
+    counted for: `vision_mode` and, for selecting modes, `selection_method` and `shirg_budget`.
 
     Args:
-        image_processor (`ShirgImageProcessor`, *optional*): defaults to one at `highres_image_size`.
+        image_processor (`ShirgImageProcessor`, *optional*): defaults to one at the geometry's high-res side.
         tokenizer (`PreTrainedTokenizerBase`): must know `image_token` (see `from_model_config`).
         chat_template (`str`, *optional*): defaults to `LLADA_CHAT_TEMPLATE`.
-        vision_mode (`str`): `shirg`, `full`, `lowres` or `lavida-hd`.
+        vision_mode (`str`): the default registered vision mode.
+        geometry (`dict`, *optional*): `visual_tokens.Geometry` fields (default: LaViDa's so400m geometry).
+        selection (`dict`, *optional*): the model config's `selection` settings (method, budget K, ...).
         image_token (`str`): the placeholder in prompts and the token repeated once per visual token.
-        shirg_budget, shirg_summary, selection_method, coverage_cells: SHIRG settings (`selection` of the
-            config); decide K + 1 / K / N for `shirg`.
-        num_highres_patches, num_lowres_patches: tokens of the `full` and `lowres` modes.
-        highres_image_size, lowres_image_size: input side of `shirg`/`full` and of `lowres`/`lavida-hd` views.
-        image_grid_pinpoints, anyres_tile_size, pooled_side: LaViDa-HD geometry ([width, height] pinpoints,
-            tile side, side of a view's feature map after 2x2 pooling).
         drop_token_after_image (`bool`, defaults to `True`): reproduce LaViDa's inference tokenisation
             (`tokenizer_image_token`): when the ids start with BOS, the first token after each `<image>` (the
             "\n" of "<image>\n") is dropped, as in the ids the released checkpoints see at inference. Set it to
@@ -108,45 +94,22 @@ class ShirgLavidaProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         chat_template=None,
-        vision_mode="shirg",
+        vision_mode=DEFAULT_VISION_MODE,
+        geometry=None,
+        selection=None,
         image_token=IMAGE_PLACEHOLDER,
-        shirg_budget=768,
-        shirg_summary=True,
-        selection_method="shirg",
-        coverage_cells=(8, 8),
-        num_highres_patches=2304,
-        num_lowres_patches=729,
-        highres_image_size=672,
-        lowres_image_size=384,
-        image_grid_pinpoints=None,
-        anyres_tile_size=384,
-        pooled_side=14,
         drop_token_after_image=True,
     ):
         if tokenizer is None:
             raise ValueError("ShirgLavidaProcessor needs a tokenizer (e.g. shirg_hf.build_tiny_tokenizer() for tests).")
-        if vision_mode not in VISION_MODES:
-            raise ValueError(f"Unknown vision_mode {vision_mode!r}: expected one of {VISION_MODES}.")
-        if selection_method not in SELECTION_METHODS:
-            raise ValueError(f"Unknown selection_method {selection_method!r}: expected one of {SELECTION_METHODS}.")
-        if len(coverage_cells) != 2:
-            raise ValueError(f"coverage_cells must be [rows, cols], got {coverage_cells!r}")
-        self.vision_mode = vision_mode
+        vision_mode_spec = get_vision_mode(vision_mode)
+        self._geometry = geometry if isinstance(geometry, Geometry) else Geometry.from_dict(
+            geometry or LAVIDA_GEOMETRY.to_dict())
+        self.geometry = self._geometry.to_dict()
+        self.selection = check_selection(selection, self._geometry.highres_grid)
+        self.vision_mode = vision_mode_spec.name
         self.image_token = image_token
-        self.shirg_summary = bool(shirg_summary)
-        self.selection_method = selection_method
-        self.coverage_cells = [int(c) for c in coverage_cells]
-        self.num_highres_patches = _positive_int(num_highres_patches, "num_highres_patches")
-        self.num_lowres_patches = _positive_int(num_lowres_patches, "num_lowres_patches")
-        self.highres_image_size = _positive_int(highres_image_size, "highres_image_size")
-        self.lowres_image_size = _positive_int(lowres_image_size, "lowres_image_size")
-        self.image_grid_pinpoints = [list(p) for p in (image_grid_pinpoints or LAVIDA_GRID_PINPOINTS)]
-        self.anyres_tile_size = _positive_int(anyres_tile_size, "anyres_tile_size")
-        self.pooled_side = _positive_int(pooled_side, "pooled_side")
         self.drop_token_after_image = bool(drop_token_after_image)
-        self.check_budget(shirg_budget)
-        self.shirg_budget = shirg_budget
-        check_grid_pinpoints(self.image_grid_pinpoints, self.anyres_tile_size)
         if image_token not in tokenizer.get_vocab():
             raise ValueError(
                 f"The tokenizer has no {image_token!r} token. Add it as a special token "
@@ -154,7 +117,8 @@ class ShirgLavidaProcessor(ProcessorMixin):
                 "model config's image_token_id, or build the processor with ShirgLavidaProcessor.from_model_config."
             )
         if image_processor is None:
-            image_processor = ShirgImageProcessor(size={"height": highres_image_size, "width": highres_image_size})
+            side = self._geometry.highres_side
+            image_processor = ShirgImageProcessor(size={"height": side, "width": side})
         super().__init__(image_processor, tokenizer, chat_template=chat_template or LLADA_CHAT_TEMPLATE)
 
     # ---- construction from a model config -------------------------------------------------------------------
@@ -166,23 +130,8 @@ class ShirgLavidaProcessor(ProcessorMixin):
         `config.image_token_id`, otherwise a `ValueError` explains the mismatch. `kwargs` override the
         values read from the config (e.g. `drop_token_after_image=False`).
         """
-        selection = config.selection
-        lowres_rows, lowres_cols = config.lowres_grid
-        settings = dict(
-            vision_mode=config.vision_mode,
-            image_token=IMAGE_PLACEHOLDER,
-            shirg_budget=selection["budget"],
-            shirg_summary=selection["summary"],
-            selection_method=selection["method"],
-            coverage_cells=list(selection["coverage_cells"]),
-            num_highres_patches=config.num_highres_patches,
-            num_lowres_patches=lowres_rows * lowres_cols,
-            highres_image_size=config.highres_image_size,
-            lowres_image_size=config.vision_config.image_size,
-            image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
-            anyres_tile_size=config.anyres_tile_size,
-            pooled_side=config.pooled_grid[0],
-        )
+        settings = dict(vision_mode=config.vision_mode, geometry=config.geometry.to_dict(),
+                        selection=dict(config.selection), image_token=IMAGE_PLACEHOLDER)
         settings.update(kwargs)
         image_token = settings["image_token"]
         if image_token not in tokenizer.get_vocab():
@@ -199,11 +148,10 @@ class ShirgLavidaProcessor(ProcessorMixin):
             raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's text_config.vocab_size is "
                              f"{vocab_size}: ids beyond the embedding table would crash the model.")
         if image_processor is None:
-            side = settings["highres_image_size"]
+            geometry = Geometry.from_dict(settings["geometry"])
             image_processor = ShirgImageProcessor(
-                size={"height": side, "width": side},
-                image_grid_pinpoints=settings["image_grid_pinpoints"],
-                anyres_tile_size=settings["anyres_tile_size"],
+                size={"height": geometry.highres_side, "width": geometry.highres_side},
+                image_grid_pinpoints=[list(p) for p in geometry.pinpoints], anyres_tile_size=geometry.tile_size,
             )
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
@@ -216,40 +164,15 @@ class ShirgLavidaProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
-    def check_budget(self, budget) -> None:
-        """Raise `ValueError` unless coverage cells <= budget <= num_highres_patches (as the config does)."""
-        rows, cols = self.coverage_cells
-        low = 1 if self.selection_method in _METHODS_WITHOUT_COVERAGE else rows * cols
-        high = self.num_highres_patches
-        if not (isinstance(budget, int) and not isinstance(budget, bool) and low <= budget <= high):
-            raise ValueError(
-                f"Invalid shirg_budget {budget!r}: must be an integer in [{low}, {high}] (coverage cells "
-                f"{rows}x{cols} <= K <= {high} high-res patches) for selection method {self.selection_method!r}."
-            )
+    def check_budget(self, budget, method: str | None = None) -> int:
+        """Return `budget` if it is a valid K for the selection method, else raise `ValueError`."""
+        return check_budget(budget, self.selection, self._geometry.num_highres_patches, method)
 
-    def num_selected_tokens(self, budget: int | None = None) -> int:
-        """Tokens of one image in `shirg` mode: K kept + 1 summary (K == N, summary off or `no_summary`: no
-        summary token; method `full`: all N patches). Equals ShirgLavidaConfig.num_selected_tokens."""
-        budget = self.shirg_budget if budget is None else budget
-        self.check_budget(budget)
-        if self.selection_method == "full":
-            return self.num_highres_patches
-        with_summary = (
-            self.shirg_summary and self.selection_method != "no_summary" and budget < self.num_highres_patches
-        )
-        return budget + int(with_summary)
-
-    def num_image_tokens(self, image_size: tuple[int, int] | None = None, budget: int | None = None) -> int:
-        """Visual tokens of one image in the configured mode; `lavida-hd` needs its (width, height)."""
-        if self.vision_mode == "shirg":
-            return self.num_selected_tokens(budget)
-        if self.vision_mode == "full":
-            return self.num_highres_patches
-        if self.vision_mode == "lowres":
-            return self.num_lowres_patches
-        if image_size is None:
-            raise ValueError("vision_mode='lavida-hd' needs the image size (width, height) to count its tokens.")
-        return lavida_hd_num_tokens(image_size, self.image_grid_pinpoints, self.anyres_tile_size, self.pooled_side)
+    def num_image_tokens(self, image_size=None, budget: int | None = None, vision_mode: str | None = None,
+                         method: str | None = None) -> int:
+        """Visual tokens of one image (`visual_tokens.num_image_tokens`); anyres modes need its (width, height)."""
+        return num_image_tokens(vision_mode or self.vision_mode, self._geometry, self.selection, budget=budget,
+                                method=method, image_size=image_size)
 
     # ---- main entry point -----------------------------------------------------------------------------------
     def __call__(
@@ -257,6 +180,8 @@ class ShirgLavidaProcessor(ProcessorMixin):
         images=None,
         text=None,
         shirg_budget: int | None = None,
+        vision_mode: str | None = None,
+        selection_method: str | None = None,
         return_tensors="pt",
         padding=True,
         padding_side: str = "left",
@@ -270,7 +195,8 @@ class ShirgLavidaProcessor(ProcessorMixin):
         """Tokenise `text` (a prompt or a list of prompts, normally from `build_prompt`/`apply_chat_template`)
         and preprocess `images` (one per `<image>` placeholder, in order; a flat list or one list per prompt).
 
-        `shirg_budget` overrides K for this call (`shirg` mode only). Prompts are padded on the LEFT by default
+        `vision_mode`, `selection_method` and `shirg_budget` (K) override the saved defaults for this call (the
+        last two for selecting modes only); the output records them. Prompts are padded on the LEFT by default
         (generation); `add_special_tokens` is False because the chat template already writes BOS. Other
         kwargs go to the tokenizer's encoding call. `videos` and `audio` exist for ProcessorMixin's
         `apply_chat_template` and must stay None.
@@ -281,20 +207,26 @@ class ShirgLavidaProcessor(ProcessorMixin):
             raise ValueError("Truncation is not supported: it could cut image tokens out of the prompt. Shorten the "
                              "text instead.")
         kwargs.pop("truncation", None)
-        if shirg_budget is not None and self.vision_mode != "shirg":
-            raise ValueError(f"shirg_budget only applies to vision_mode='shirg' (this processor is "
-                             f"{self.vision_mode!r}).")
+        mode = get_vision_mode(vision_mode or self.vision_mode)
+        request = {}
+        if mode.selects:
+            request = {"selection_method": selection_method or self.selection["method"],
+                       "shirg_budget": self.selection["budget"] if shirg_budget is None else shirg_budget}
+            self.check_budget(request["shirg_budget"], request["selection_method"])
+        elif shirg_budget is not None or selection_method is not None:
+            raise ValueError(f"shirg_budget and selection_method only apply to selecting vision modes; "
+                             f"vision_mode={mode.name!r} does not select.")
         texts = self._check_text(text, images)
         flat_images = self._check_images(images, texts)
 
         image_inputs, counts = {}, []
         if flat_images:
-            image_inputs = self._process_images(flat_images, return_tensors)
-            if self.vision_mode == "lavida-hd":
-                counts = [self.num_image_tokens(image_size=tuple(int(s) for s in size))
-                          for size in image_inputs["image_sizes"]]
-            else:
-                counts = [self.num_image_tokens(budget=shirg_budget)] * len(flat_images)
+            image_inputs = self._process_images(flat_images, mode, return_tensors)
+            sizes = image_inputs["image_sizes"] if mode.anyres else [None] * len(flat_images)
+            counts = [num_image_tokens(mode.name, self._geometry, self.selection, budget=request.get("shirg_budget"),
+                                       method=request.get("selection_method"),
+                                       image_size=None if size is None else tuple(int(s) for s in size))
+                      for size in sizes]
 
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)
         counts_left = iter(counts)
@@ -304,7 +236,10 @@ class ShirgLavidaProcessor(ProcessorMixin):
             padding_side=padding_side, return_attention_mask=True,
         )
         data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"], **image_inputs}
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        output = BatchFeature(data=data, tensor_type=return_tensors)
+        if flat_images:  # plain values after the tensor conversion: they travel with the batch unchanged
+            output.update({"vision_mode": mode.name, **request})
+        return output
 
     def _check_text(self, text, images) -> list[str]:
         if text is None:
@@ -344,15 +279,14 @@ class ShirgLavidaProcessor(ProcessorMixin):
             raise ValueError(f"{num_images} images were given but {where} has only {num_placeholders} "
                              f"'{self.image_token}' placeholder(s): pass one image per placeholder.")
 
-    def _process_images(self, images: list, return_tensors) -> dict:
-        if self.vision_mode == "lavida-hd":
-            side = self.lowres_image_size
+    def _process_images(self, images: list, mode, return_tensors) -> dict:
+        side = self._geometry.side(mode.view_side)
+        if mode.anyres:
             return dict(self.image_processor(
                 images, size={"height": side, "width": side}, do_anyres=True,
-                image_grid_pinpoints=self.image_grid_pinpoints, anyres_tile_size=self.anyres_tile_size,
-                return_tensors=return_tensors,
+                image_grid_pinpoints=[list(p) for p in self._geometry.pinpoints],
+                anyres_tile_size=self._geometry.tile_size, return_tensors=return_tensors,
             ))
-        side = self.lowres_image_size if self.vision_mode == "lowres" else self.highres_image_size
         pixel_values = self.image_processor(
             images, size={"height": side, "width": side}, do_anyres=False, return_tensors=return_tensors
         )["pixel_values"]

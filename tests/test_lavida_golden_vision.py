@@ -43,7 +43,7 @@ def test_v1_tower_projector_pooling(golden_model, vision_cases):
     with torch.no_grad():
         features = golden_model.vision_features(tensors["v1_pixel_values"])
         projected = golden_model.multi_modal_projector(features)
-        pooled = golden_model._pool_view(projected)
+        pooled = golden_model.pool_views(projected)
     torch.testing.assert_close(features, tensors["v1_tower_features"], atol=1e-4, rtol=0)
     torch.testing.assert_close(projected, tensors["v1_projected"], atol=1e-4, rtol=0)
     torch.testing.assert_close(pooled, tensors["v1_pooled_bilinear"], atol=1e-4, rtol=0)

@@ -1,0 +1,1 @@
+../modeling/visual_tokens.py
