@@ -181,20 +181,26 @@ def atomic_folder(dst, overwrite: bool = False):
             yield staging
             _apply_default_permissions(staging)
             fsync_tree(staging)
-            check_destination(dst, overwrite)
+            appeared = f"{dst} appeared while it was written; pass --overwrite to replace it, or choose another " \
+                "destination"
+            if dst.exists() and not overwrite:
+                raise FileExistsError(appeared)
             if dst.exists():
                 retired = dst.parent / f".{dst.name}.old-{time.time_ns()}-{os.getpid()}"
                 os.rename(dst, retired)
-                fsync_path(dst.parent)
-                os.rename(staging, dst)
-                fsync_path(dst.parent)
-                shutil.rmtree(retired)
+                try:
+                    fsync_path(dst.parent)
+                    os.rename(staging, dst)
+                    fsync_path(dst.parent)
+                except BaseException:
+                    recover(dst)  # puts the retired copy back
+                    raise
+                _remove(retired)
             else:
                 try:
                     os.rename(staging, dst)  # fails on a non-empty folder or a file created at this very moment
                 except OSError as error:
-                    raise FileExistsError(f"{dst} appeared while it was written; pass --overwrite to replace it, "
-                                          f"or choose another destination ({error.strerror})") from None
+                    raise FileExistsError(f"{appeared} ({error.strerror})") from None
                 fsync_path(dst.parent)
         finally:
             if staging.exists():
