@@ -32,6 +32,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from shirg_hf import ShirgLavidaConfig, ShirgLavidaProcessor, build_tiny_tokenizer
+from shirg_hf.fileio import write_json_atomically
 from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 from shirg_hf.training import (
     DEFAULT_BUDGETS,
@@ -276,7 +277,7 @@ def main(argv=None) -> ShirgDiffusionTrainer:
                   "max_steps": trainer.state.global_step, "learning_rate": training_args.learning_rate,
                   "seed": training_args.seed, "loss": "1/p-weighted (LLaDA)" if script_args.inverse_p_weighting
                   else "mean masked CE (LaViDa)"}
-        (Path(training_args.output_dir) / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomically(Path(training_args.output_dir) / "training_record.json", record)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     if training_args.eval_strategy != "no" or training_args.do_eval:

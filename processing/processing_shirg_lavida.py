@@ -7,6 +7,11 @@ the returned `BatchFeature` says which (`vision_mode`, and for selecting modes `
 settings are saved with the processor, so it loads alone (`AutoProcessor`, `trust_remote_code=True`).
 """
 
+import os
+import re
+import shutil
+import tempfile
+
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -23,6 +28,16 @@ from .visual_tokens import (
 
 
 IMAGE_PLACEHOLDER = "<image>"
+
+# Files a processor or tokenizer save may write and a processor load reads back: one left in a folder by another
+# tokenizer (e.g. its special_tokens_map.json) would be mixed into this processor on reload.
+PROCESSOR_FILE_NAMES = (
+    "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
+)
+CHAT_TEMPLATES_FOLDER = "additional_chat_templates"
+_SAVE_STAGING_PREFIX = ".processor-save-"
 
 LAVIDA_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
@@ -316,6 +331,73 @@ class ShirgLavidaProcessor(ProcessorMixin):
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    # ---- saving -------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, overwrite: bool = False, **kwargs):
+        """Save the processor into `save_directory` (which may already hold this model's config and weights).
+
+        Processor or tokenizer files there that this save does not write (another tokenizer's
+        `special_tokens_map.json`, say) would be read back with it: they are refused with FileExistsError, or
+        removed with `overwrite=True`. Files are staged, fsynced and moved into place one by one.
+        """
+        target = os.path.abspath(os.fspath(save_directory))
+        os.makedirs(target, exist_ok=True)
+        _remove_stale_staging(target)
+        staging = tempfile.mkdtemp(prefix=f"{_SAVE_STAGING_PREFIX}{os.getpid()}-", dir=target)
+        try:
+            super().save_pretrained(staging)
+            written = _relative_files(staging)
+            foreign = [name for name in _relative_files(target) if name not in written and
+                       (name in PROCESSOR_FILE_NAMES or name.startswith(CHAT_TEMPLATES_FOLDER + os.sep))]
+            if foreign and not overwrite:
+                raise FileExistsError(
+                    f"{target} holds {', '.join(foreign)} of another tokenizer or processor, which would be loaded "
+                    "with this one; save into an empty folder (or one holding only this model), or pass "
+                    "overwrite=True to remove them")
+            for name in foreign:
+                os.remove(os.path.join(target, name))
+            for name in written:
+                os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
+                _fsync(os.path.join(staging, name))
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+            for folder in {os.path.dirname(os.path.join(target, name)) for name in written + foreign}:
+                _fsync(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if push_to_hub:
+            super().save_pretrained(target, push_to_hub=True, **kwargs)
+        return [os.path.join(target, "processor_config.json")]
+
+
+def _relative_files(folder: str) -> list[str]:
+    """The files under `folder` as sorted relative paths, skipping save staging folders."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(_SAVE_STAGING_PREFIX)]
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in files]
+    return sorted(found)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_stale_staging(target: str) -> None:
+    """Remove save staging folders in `target` whose process is dead (a save killed midway)."""
+    for name in os.listdir(target):
+        match = re.fullmatch(rf"{re.escape(_SAVE_STAGING_PREFIX)}(\d+)-[a-z0-9_]{{8}}", name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(target, name), ignore_errors=True)
+        except PermissionError:  # alive, run by another user
+            continue
 
 
 __all__ = ["LAVIDA_SYSTEM_PROMPT", "LLADA_CHAT_TEMPLATE", "ShirgLavidaProcessor", "build_prompt"]

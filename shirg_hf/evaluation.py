@@ -18,10 +18,9 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from .fileio import atomic_folder
+from .fileio import atomic_folder, exclusive_lock, write_json_atomically
 
 # --metric -> the key its `shirg_hf.metrics` module's `compute` returns
 METRICS = {"anls": "anls", "relaxed": "relaxed_accuracy", "vqa": "vqa_accuracy"}
@@ -58,10 +57,11 @@ def compute_metrics(metric: str, records: list[dict]) -> dict:
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
-def sha256_of_files(paths: list[Path]) -> str:
+def sha256_of_files(paths: list[Path], root: Path | None = None) -> str:
+    """SHA-256 over the names (relative to `root`, else the base names) and the contents of `paths`, in order."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.name.encode() + b"\0")
+        digest.update(str(path.relative_to(root) if root else path.name).encode() + b"\0")
         with open(path, "rb") as stream:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)
@@ -71,8 +71,8 @@ def sha256_of_files(paths: list[Path]) -> str:
 def load_vqa_dataset(path: Path, split: str | None):
     """(dataset, fingerprint) of a `load_from_disk` folder or a data file; the fingerprint changes with its content.
 
-    For a folder the fingerprint hashes its JSON metadata (datasets' `state.json` records the content
-    fingerprint and data files); for a file it hashes the file.
+    For a folder the fingerprint hashes every file in it (metadata and data); for a file it hashes the file.
+    Image files named by path are fingerprinted by `image_files_fingerprint`.
     """
     import datasets
 
@@ -80,7 +80,7 @@ def load_vqa_dataset(path: Path, split: str | None):
         raise FileNotFoundError(f"--data {path} does not exist")
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        fingerprint = sha256_of_files(sorted(path.rglob("*.json")))
+        fingerprint = sha256_of_files(sorted(file for file in path.rglob("*") if file.is_file()), root=path)
     elif path.suffix.lower() in FILE_BUILDERS:
         loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
         fingerprint = sha256_of_files([path])
@@ -156,6 +156,27 @@ def check_images(dataset, path: Path) -> None:
                          f"are read from {path.parent})")
 
 
+def image_files_fingerprint(dataset, data_path: Path) -> str:
+    """SHA-256 of the image files the data set names by path (a path column, or Image entries without bytes)."""
+    import datasets
+
+    column = dataset.select_columns(["image"])
+    if isinstance(column.features["image"], datasets.Image):
+        column = column.cast_column("image", datasets.Image(decode=False))
+    digest = hashlib.sha256()
+    for batch in column.iter(batch_size=256):
+        for value in batch["image"]:
+            name = value if isinstance(value, str) else (value["path"] if value["bytes"] is None else None)
+            if name is None:
+                continue
+            digest.update(name.encode() + b"\0")
+            try:
+                digest.update(sha256_of_files([image_path(name, data_path)]).encode())
+            except OSError as error:  # unreadable: its row fails later with its own error
+                digest.update(f"unreadable: {error.strerror}".encode())
+    return digest.hexdigest()
+
+
 def image_path(value: str, data_path: Path) -> Path:
     candidate = Path(value).expanduser()
     return candidate if candidate.is_absolute() else data_path.parent / candidate
@@ -225,29 +246,16 @@ def resolve_generation_config(model_dir: Path, config, overrides: dict):
     return generation_config
 
 
+MODEL_FILE_SUFFIXES = (".json", ".jinja", ".safetensors", ".model", ".txt")
+
+
 def model_fingerprint(model_dir: Path) -> str:
-    """Hash of the config and processor files and of the weight files' names and sizes."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "processor_config.json"):
-        digest.update((model_dir / name).read_bytes())
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return digest.hexdigest()
+    """SHA-256 of the contents of the model's files: configs, processor and tokenizer files, and weights."""
+    files = sorted(path for path in model_dir.iterdir() if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES)
+    return sha256_of_files(files)
 
 
 # ---- output folder -------------------------------------------------------------------------------------------
-def write_json_atomically(path: Path, payload: dict) -> None:
-    descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
 def settings_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """"key: old before, new now" for every setting that differs (nested settings as `outer.inner`)."""
     differences = []
@@ -362,53 +370,55 @@ def run_eval(
     run_config = json.loads(json.dumps({
         "model": str(model_dir), "model_fingerprint": model_fingerprint(model_dir),
         "data": str(data_path), "split": split, "data_fingerprint": data_fingerprint,
+        "images_fingerprint": image_files_fingerprint(dataset, data_path),
         "metric": metric, "budget": budget, "dtype": dtype, "generation": generation_settings,
     }))
-    prepare_output(out_dir, run_config, overwrite)
-    predictions_path = out_dir / PREDICTIONS_NAME
-    answered = {record["id"] for record in read_predictions(predictions_path)}
-    wanted = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    pending = [row for row in wanted if ids[row] not in answered]
+    with exclusive_lock(out_dir):  # one run per --out at a time
+        prepare_output(out_dir, run_config, overwrite)
+        predictions_path = out_dir / PREDICTIONS_NAME
+        answered = {record["id"] for record in read_predictions(predictions_path)}
+        wanted = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+        pending = [row for row in wanted if ids[row] not in answered]
 
-    if pending:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-        processor = AutoProcessor.from_pretrained(model_dir)
-        budget_kwargs = {} if budget is None else {"shirg_budget": budget}
-        bar = tqdm(total=len(wanted), initial=len(wanted) - len(pending), desc="eval", unit="question",
-                   disable=not progress)
-        with open(predictions_path, "a", encoding="utf-8") as stream, bar:
-            for start in range(0, len(pending), batch_size):
-                rows = pending[start : start + batch_size]
-                batch = dataset.select(rows)
-                inputs = processor(
-                    images=[load_image(image, data_path) for image in batch["image"]],
-                    text=[build_prompt(question) for question in batch["question"]],
-                    return_tensors="pt", **budget_kwargs,
-                ).to(device)
-                with torch.inference_mode():
-                    answer_ids = model.generate(**inputs, generation_config=generation_config,
-                                                **budget_kwargs)  # [B, L]
-                answers = [answer.strip() for answer in processor.batch_decode(answer_ids)]
-                for row, question, gold, prediction in zip(rows, batch["question"], batch["answers"], answers):
-                    record = {"id": ids[row], "question": question, "prediction": prediction, "answers": gold,
-                              "score": question_score(metric, prediction, gold)}
-                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-                stream.flush()
-                os.fsync(stream.fileno())
-                bar.update(len(rows))
+        if pending:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+            model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+            processor = AutoProcessor.from_pretrained(model_dir)
+            budget_kwargs = {} if budget is None else {"shirg_budget": budget}
+            bar = tqdm(total=len(wanted), initial=len(wanted) - len(pending), desc="eval", unit="question",
+                       disable=not progress)
+            with open(predictions_path, "a", encoding="utf-8") as stream, bar:
+                for start in range(0, len(pending), batch_size):
+                    rows = pending[start : start + batch_size]
+                    batch = dataset.select(rows)
+                    inputs = processor(
+                        images=[load_image(image, data_path) for image in batch["image"]],
+                        text=[build_prompt(question) for question in batch["question"]],
+                        return_tensors="pt", **budget_kwargs,
+                    ).to(device)
+                    with torch.inference_mode():
+                        answer_ids = model.generate(**inputs, generation_config=generation_config,
+                                                    **budget_kwargs)  # [B, L]
+                    answers = [answer.strip() for answer in processor.batch_decode(answer_ids)]
+                    for row, question, gold, prediction in zip(rows, batch["question"], batch["answers"], answers):
+                        record = {"id": ids[row], "question": question, "prediction": prediction, "answers": gold,
+                                  "score": question_score(metric, prediction, gold)}
+                        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                    bar.update(len(rows))
 
-    records = read_predictions(predictions_path)
-    result = {
-        **compute_metrics(metric, records),
-        "metric": metric,
-        "num_answered": len(records),
-        "num_questions": len(dataset),
-        "complete": len(records) == len(dataset),
-        "run_config": run_config,
-    }
-    write_json_atomically(out_dir / METRICS_NAME, result)
+        records = read_predictions(predictions_path)
+        result = {
+            **compute_metrics(metric, records),
+            "metric": metric,
+            "num_answered": len(records),
+            "num_questions": len(dataset),
+            "complete": len(records) == len(dataset),
+            "run_config": run_config,
+        }
+        write_json_atomically(out_dir / METRICS_NAME, result)
     return result
 
 

@@ -8,16 +8,16 @@ selector (text, edges and distinctive regions against bland background), not wha
 """
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .fileio import atomic_file
 from .modeling.selection_shirg import METHODS, ShirgSelector
 from .processing.image_processing_shirg import ShirgImageProcessor, to_rgb_image
+from .validation import check_model_source
 
 # Viridis sampled at 0, 0.25, 0.5, 0.75, 1 (linear interpolation in between).
 HEAT_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
@@ -27,6 +27,8 @@ DIM_FACTOR = 0.25  # brightness kept by dropped patches
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (20, 20, 20)
 WARNING_COLOR = (190, 0, 0)
+# Largest --grid of the random tower: its attention over GRID**2 patches grows as GRID**4 (64: 4,096 patches).
+MAX_GRID = 64
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -137,21 +139,12 @@ def _draw_cell_borders(draw: ImageDraw.ImageDraw, grid_size: tuple[int, int], ce
 
 
 def save_png_atomically(picture: Image.Image, out: str | Path, overwrite: bool) -> Path:
-    """Write `picture` as PNG through a temporary file + os.replace; refuse to replace `out` unless `overwrite`."""
+    """Write `picture` as PNG atomically (`fileio.atomic_file`); refuse to replace `out` unless `overwrite`."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as heat.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            picture.save(stream, format="PNG")
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, overwrite=overwrite) as stream:
+        picture.save(stream, format="PNG")
     return out
 
 
@@ -198,11 +191,15 @@ def _features_from_model(model_path: str, image: Image.Image):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.grid < 1:
-        raise ValueError(f"--grid must be >= 1 patch per side, got {args.grid}")
+    if not 1 <= args.grid <= MAX_GRID:
+        raise ValueError(f"--grid must be between 1 and {MAX_GRID} patches per side, got {args.grid} (the random "
+                         f"tower's attention over {args.grid}x{args.grid} patches grows as GRID**4); use --grid <= "
+                         f"{MAX_GRID}, or --model for a real model's grid")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if args.model:
+        check_model_source(args.model)
     image = load_rgb_image(args.image)
     if args.model:
         features, grid_size, selection_config = _features_from_model(args.model, image)

@@ -209,3 +209,86 @@ def test_eval_reads_a_jsonl_file_with_relative_image_paths(model_dir, tmp_path, 
     data.write_text(data.read_text().replace("images/1.png", "images/missing.png"))
     assert run_eval(model_dir, data, tmp_path / "out2", "--metric", "relaxed") == 2
     assert "1 image file(s) not found, e.g. ['images/missing.png']" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(model_dir, data_dir, tmp_path, generated_rows,
+                                                                  capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from shirg_hf import fileio
+
+    out = tmp_path / "out"
+    hold_lock = (  # a run in progress on `out` (fileio.py needs only the standard library: loaded by path)
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('fileio', {fileio.__file__!r})\n"
+        "fileio = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(fileio)\n"
+        "with fileio.exclusive_lock(sys.argv[1]):\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", hold_lock, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "ready\n"
+        assert run_eval(model_dir, data_dir, out, "--metric", "anls", "--limit", "1") == 2
+        error = capsys.readouterr().err
+        assert f"is being written by pid {first.pid} on host {socket.gethostname()}" in error
+        assert generated_rows == [] and not out.exists()
+    finally:
+        first.communicate("\n", timeout=60)
+    assert run_eval(model_dir, data_dir, out, "--metric", "anls", "--limit", "1") == 0
+    assert generated_rows == [1] and not (tmp_path / ".out.lock").exists()
+
+
+def test_resume_is_refused_when_the_weights_change_with_the_same_shapes(model_dir, data_dir, tmp_path,
+                                                                        generated_rows, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "out"
+    assert run_eval(model, data_dir, out, "--metric", "anls", "--limit", "1") == 0
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    size = weights.stat().st_size
+    save_file({name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in tensors.items()},
+              weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size  # the same file size: only the contents tell the models apart
+    assert run_eval(model, data_dir, out, "--metric", "anls") == 2
+    assert "model_fingerprint" in capsys.readouterr().err
+    assert generated_rows == [1]
+
+
+def test_resume_is_refused_when_the_images_change(model_dir, tmp_path, generated_rows, capsys):
+    # image files named by path: the data file itself is unchanged
+    data = tmp_path / "set" / "questions.jsonl"
+    (data.parent / "images").mkdir(parents=True)
+    for index in range(2):
+        make_image(index).save(data.parent / "images" / f"{index}.png")
+    data.write_text("".join(json.dumps({"image": f"images/{index}.png", "question": QUESTIONS[index],
+                                        "answers": ANSWERS[index]}) + "\n" for index in range(2)))
+    assert run_eval(model_dir, data, tmp_path / "out", "--metric", "anls", "--limit", "1") == 0
+    make_image(3).save(data.parent / "images" / "1.png")
+    assert run_eval(model_dir, data, tmp_path / "out", "--metric", "anls") == 2
+    assert "images_fingerprint" in capsys.readouterr().err
+
+    # a save_to_disk folder whose image data changed under the same metadata
+    folders = []
+    for shift in (0, 1):
+        folder = tmp_path / f"vqa{shift}"
+        rows = {"id": ["q0", "q1"], "image": [make_image(index + shift) for index in range(2)],
+                "question": QUESTIONS[:2], "answers": ANSWERS[:2]}
+        datasets.Dataset.from_dict(rows, features=FEATURES).save_to_disk(str(folder))
+        folders.append(folder)
+    (folders[1] / "state.json").write_text((folders[0] / "state.json").read_text())
+    assert run_eval(model_dir, folders[0], tmp_path / "out2", "--metric", "anls", "--limit", "1") == 0
+    for arrow in folders[0].glob("*.arrow"):
+        arrow.write_bytes((folders[1] / arrow.name).read_bytes())
+    assert run_eval(model_dir, folders[0], tmp_path / "out2", "--metric", "anls") == 2
+    assert "data_fingerprint" in capsys.readouterr().err
+    assert generated_rows == [1, 1]

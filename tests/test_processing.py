@@ -367,3 +367,44 @@ def test_save_and_load_keep_every_setting_and_output(tokenizer, tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_save_into_a_folder_with_another_tokenizers_files_is_refused_or_cleaned(tokenizer, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = make_processor(tokenizer)
+    folder = tmp_path / "reused"
+    folder.mkdir()
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "X"}))  # left by another tokenizer
+    with pytest.raises(FileExistsError, match=r"holds special_tokens_map.json of another tokenizer .*overwrite=True"):
+        processor.save_pretrained(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["special_tokens_map.json"]  # nothing written
+
+    processor.save_pretrained(folder, overwrite=True)
+    assert not (folder / "special_tokens_map.json").exists()
+    reloaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert reloaded.tokenizer.bos_token == tokenizer.bos_token
+    assert not [path.name for path in folder.iterdir() if path.name.startswith(".")]  # no staging left
+
+
+def test_model_then_processor_into_one_folder_and_saving_again_need_no_overwrite(tokenizer, tmp_path):
+    from transformers import AutoProcessor
+
+    from shirg_hf import ShirgLavidaForDiffusionLM
+
+    config = ShirgLavidaConfig.tiny()
+    folder = tmp_path / "model"
+    ShirgLavidaForDiffusionLM(config).save_pretrained(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder / f".processor-save-{dead.pid}-abcd1234"  # a save killed midway
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("{}")
+    processor = ShirgLavidaProcessor.from_model_config(config, tokenizer)
+    processor.save_pretrained(folder)
+    processor.save_pretrained(folder)  # its own files are replaced in place
+    names = {path.name for path in folder.iterdir()}
+    assert not stale.exists() and not [name for name in names if name.startswith(".")]
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
+    reloaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert reloaded.tokenizer.bos_token == tokenizer.bos_token and reloaded.image_token == processor.image_token
