@@ -422,6 +422,11 @@ register_vision_mode("lavida-hd", view_side="native", anyres=True,
                      description="LaViDa's anyres views, pooling, unpadding and newline tokens")
 
 
+def lavida_checkpoint_mode(image_aspect_ratio: str | None) -> str:
+    """The vision mode reproducing an original LaViDa checkpoint: its anyres path, or its single native view."""
+    return "lavida-hd" if image_aspect_ratio == "anyres" else "lowres"
+
+
 def num_image_tokens(mode: str, geometry: Geometry, selection: dict, *, budget: int | None = None,
                      method: str | None = None, image_size=None) -> int:
     """Visual tokens one image occupies in the prompt: THE count rule of processor, model and collator."""

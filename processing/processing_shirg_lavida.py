@@ -179,6 +179,10 @@ class ShirgLavidaProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
+    @property
+    def num_highres_patches(self) -> int:
+        return self._geometry.num_highres_patches
+
     def check_budget(self, budget, method: str | None = None) -> int:
         """Return `budget` if it is a valid K for the selection method, else raise `ValueError`."""
         return check_budget(budget, self.selection, self._geometry.num_highres_patches, method)

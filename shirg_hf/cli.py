@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "shirg_hf.export",
     "shirg_hf.evaluation",
     "shirg_hf.visualize",
+    "shirg_hf.train",
 )
 
 
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passes_arguments", False):  # e.g. `train`: its own parser (HfArgumentParser) reads the rest
+        args.passed_arguments = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as error:

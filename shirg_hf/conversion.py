@@ -23,9 +23,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .export import build_model_card
 from .fileio import atomic_folder, check_destination
+from .hub import MODEL_CARD_NAME
 from .modeling.configuration_llada import LladaConfig
-from .modeling.configuration_shirg_lavida import DEFAULT_SELECTION, SO400M_TRUNCATED, ShirgLavidaConfig
+from .modeling.configuration_shirg_lavida import SO400M_TRUNCATED, ShirgLavidaConfig
+from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, lavida_checkpoint_mode, vision_mode_names
 
 # Language model: LLaDA (OLMo-style) names -> Llama-style names (LAVIDA-SPEC 2.3). Patterns are anchored on the
 # full key: `ff_out` is the MLP down projection inside `blocks.{i}` but the LM head at `model.transformer.ff_out`.
@@ -196,8 +199,8 @@ def lavida_multimodal_config(raw_config: dict, shapes: dict, num_attention_heads
                              vision_mode: str | None = None, image_token_id: int | None = None) -> ShirgLavidaConfig:
     """`ShirgLavidaConfig` of a full LaViDa checkpoint (its config.json plus the tensor shapes).
 
-    The vision mode defaults to the checkpoint's own (`lavida-hd` for `image_aspect_ratio: anyres`, else `lowres`)
-    so the converted model reproduces the original; the high-res side is 7/4 of the tower's (384 -> 672) and the
+    The vision mode defaults to the one reproducing the checkpoint (`visual_tokens.lavida_checkpoint_mode`); the
+    high-res side scales with the tower as LaViDa's geometry does (384 -> 672) and the
     SHIRG settings are the defaults (K = 768 of 2,304 for so400m; a third of the patches for smaller towers).
     """
     projector_type = raw_config.get("mm_projector_type", "mlp2x_gelu")
@@ -208,18 +211,18 @@ def lavida_multimodal_config(raw_config: dict, shapes: dict, num_attention_heads
     pinpoints = raw_config.get("image_grid_pinpoints")
     if isinstance(pinpoints, str):
         pinpoints = json.loads(pinpoints.replace("(", "[").replace(")", "]"))
-    default_mode = "lavida-hd" if raw_config.get("image_aspect_ratio") == "anyres" else "lowres"
-    highres_side = vision["image_size"] * 7 // 4 // vision["patch_size"]
-    cells = min(8, highres_side)
+    highres_image_size = vision["image_size"] * LAVIDA_GEOMETRY.highres_side // LAVIDA_GEOMETRY.native_side
+    highres_side = highres_image_size // vision["patch_size"]
+    cells = min(max(DEFAULT_SELECTION["coverage_cells"]), highres_side)
     budget = DEFAULT_SELECTION["budget"] if DEFAULT_SELECTION["budget"] <= highres_side**2 else \
         max(cells * cells, highres_side**2 // 3)  # towers smaller than so400m: keep a third of the patches
     kwargs = dict(
         vision_config=vision,
         text_config=text.to_dict(),
-        vision_mode=vision_mode or default_mode,
-        highres_image_size=vision["image_size"] * 7 // 4,
+        vision_mode=vision_mode or lavida_checkpoint_mode(raw_config.get("image_aspect_ratio")),
+        highres_image_size=highres_image_size,
         image_grid_pinpoints=pinpoints,
-        anyres_pool_mode=raw_config.get("mm_spatial_pool_mode") or "bilinear",
+        anyres_pool_mode=raw_config.get("mm_spatial_pool_mode") or LAVIDA_GEOMETRY.pool_mode,
         selection={"budget": budget, "coverage_cells": [cells, cells]},
     )
     if image_token_id is not None:
@@ -390,6 +393,7 @@ def convert_lavida_checkpoint(src, dst, overwrite: bool = False, vision_mode: st
             from .processing.processing_shirg_lavida import ShirgLavidaProcessor
 
             ShirgLavidaProcessor.from_model_config(config, tokenizer).save_pretrained(staging)
+            (staging / MODEL_CARD_NAME).write_text(build_model_card(config), encoding="utf-8")
         else:
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
@@ -406,8 +410,9 @@ def register(subparsers) -> None:
     parser.add_argument("src", metavar="SRC", help="folder with the original config.json and *.safetensors")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it already exists")
-    parser.add_argument("--vision-mode", choices=("shirg", "full", "lowres", "lavida-hd"),
-                        help="vision mode of the converted model (default: the checkpoint's own, lavida-hd for anyres)")
+    parser.add_argument("--vision-mode", choices=vision_mode_names(),
+                        help="vision mode of the converted model (default: the one reproducing the checkpoint, "
+                             f"{lavida_checkpoint_mode('anyres')} for anyres)")
     parser.add_argument("--vision-heads", type=int, help="SigLIP attention heads (needed only for non-so400m towers)")
     parser.add_argument("--image-token-id", type=int,
                         help="id of the <image> token (default: the tokenizer's, added after its vocabulary)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .export import save_model_folder
 from .fileio import atomic_folder
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
@@ -80,8 +81,7 @@ def run_demo(image: Image.Image, question: str, budget: int, max_new_tokens: int
     )
     if out_dir is not None:
         with atomic_folder(out_dir, overwrite=overwrite) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
+            save_model_folder(model, processor, staging)
             picture.save(staging / "heatmap.png")
         heatmap = out_dir / "heatmap.png"
     else:

@@ -1,8 +1,7 @@
 """`shirg-hf eval`: answer a VQA set with a saved model and score it (ANLS, relaxed accuracy or VQA accuracy).
 
-The data set is a `datasets.load_from_disk` folder or a json / jsonl / parquet file, with the columns
-`image` (an Image feature, or a path relative to the data file), `question`, `answers` (the list of gold answers)
-and optionally `id` (else the row index). Everything (columns, answers, ids, budget, generation settings) is
+The data set follows the schema of `shirg_hf.data` (image, question, answers, optional id; else the row index is
+the id), shared with `shirg-hf train`. Everything (columns, answers, ids, budget, generation settings) is
 checked before the model is loaded.
 
 `--out` receives `run_config.json` (what was evaluated and how), `predictions.jsonl` (one line per answered
@@ -15,182 +14,43 @@ unless `--overwrite`, which starts over; earlier results are never replaced sile
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
 
+from .data import (
+    check_columns,
+    check_images,
+    image_files_fingerprint,
+    load_image,
+    load_vqa_data,
+    pick_split,
+    question_ids,
+    sha256_of_files,
+    with_answers,
+)
 from .fileio import atomic_folder, exclusive_lock, write_json_atomically
+from .metrics import METRICS, get_metric
 
-# --metric -> the key its `shirg_hf.metrics` module's `compute` returns
-METRICS = {"anls": "anls", "relaxed": "relaxed_accuracy", "vqa": "vqa_accuracy"}
-REQUIRED_COLUMNS = ("image", "question", "answers")
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 RUN_CONFIG_NAME = "run_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-STRING_DTYPES = ("string", "large_string")
 
 
-# ---- per-question scores (the aggregate comes from the evaluate metric itself) -------------------------------
+# ---- scores (the registry in `shirg_hf.metrics`; the aggregate comes from the evaluate metric itself) ----------
 def question_score(metric: str, prediction: str, gold_answers: list[str]) -> float:
     """The score of one answer under `metric`; the metric's `compute` is the mean of these."""
-    from .metrics.anls import anls_score
-    from .metrics.relaxed_accuracy import relaxed_correctness
-    from .metrics.vqa_accuracy import vqa_accuracy_score
-
-    if metric == "anls":
-        return anls_score(prediction, gold_answers)
-    if metric == "relaxed":
-        return float(max(relaxed_correctness(gold, prediction) for gold in gold_answers))
-    return vqa_accuracy_score(prediction, gold_answers)
+    return get_metric(metric).score(prediction, gold_answers)
 
 
 def compute_metrics(metric: str, records: list[dict]) -> dict:
-    """`{metric name: value}` of the `shirg_hf.metrics` module over answered `records`."""
-    from . import metrics
-
-    module = {"anls": metrics.Anls, "relaxed": metrics.RelaxedAccuracy, "vqa": metrics.VqaAccuracy}[metric]()
-    return module.compute(predictions=[record["prediction"] for record in records],
-                          references=[record["answers"] for record in records])
+    """`{metric key: value}` of the registered metric over answered `records`."""
+    return get_metric(metric).module().compute(predictions=[record["prediction"] for record in records],
+                                               references=[record["answers"] for record in records])
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
-def sha256_of_files(paths: list[Path], root: Path | None = None) -> str:
-    """SHA-256 over the names (relative to `root`, else the base names) and the contents of `paths`, in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(root) if root else path.name).encode() + b"\0")
-        with open(path, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_vqa_dataset(path: Path, split: str | None):
-    """(dataset, fingerprint) of a `load_from_disk` folder or a data file; the fingerprint changes with its content.
-
-    For a folder the fingerprint hashes every file in it (metadata and data); for a file it hashes the file.
-    Image files named by path are fingerprinted by `image_files_fingerprint`.
-    """
-    import datasets
-
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path} does not exist")
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        fingerprint = sha256_of_files(sorted(file for file in path.rglob("*") if file.is_file()), root=path)
-    elif path.suffix.lower() in FILE_BUILDERS:
-        loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path))
-        fingerprint = sha256_of_files([path])
-    else:
-        raise ValueError(f"--data {path}: expected a datasets.save_to_disk folder or a "
-                         f"{'/'.join(sorted(FILE_BUILDERS))} file")
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None and len(loaded) == 1:
-            split = next(iter(loaded))
-        if split not in loaded:
-            raise ValueError(f"--data {path} has the splits {sorted(loaded)}; pick one with --split")
-        loaded = loaded[split]
-    elif split is not None:
-        raise ValueError(f"--data {path} is a single data set without splits; leave out --split {split}")
-    return loaded, split, fingerprint
-
-
-def check_columns(dataset, path: Path) -> None:
-    """Raise ValueError unless the data set has image, question, answers (a list of strings) and at least one row."""
-    import datasets
-
-    columns = dataset.column_names
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
-        raise ValueError(
-            f"--data {path} lacks the column(s) {missing}: it has {columns}. Expected image (an image or a path), "
-            "question (string), answers (list of gold answer strings) and optionally id; rename columns with "
-            "dataset.rename_column(old, new)."
-        )
-    answers = dataset.features["answers"]
-    is_string_list = isinstance(answers, (datasets.List, datasets.LargeList, datasets.Sequence)) and \
-        getattr(answers.feature, "dtype", None) in STRING_DTYPES
-    if not is_string_list:
-        raise ValueError(f"--data {path}: column 'answers' must be a list of strings per row (e.g. [\"42\"]), got "
-                         f"{answers}. Wrap single answers in a list.")
-    if getattr(dataset.features["question"], "dtype", None) not in STRING_DTYPES:
-        raise ValueError(f"--data {path}: column 'question' must hold strings, got {dataset.features['question']}")
-    if len(dataset) == 0:
-        raise ValueError(f"--data {path} has no rows")
-
-
-def question_ids(dataset, path: Path) -> list:
-    """The `id` column (unique values) or, without one, the row indices."""
-    if "id" not in dataset.column_names:
-        return list(range(len(dataset)))
-    ids = dataset["id"]
-    seen, repeated = set(), []
-    for value in ids:
-        if not isinstance(value, (int, str)) or isinstance(value, bool):
-            raise ValueError(f"--data {path}: ids must be integers or strings, got {value!r}")
-        if value in seen:
-            repeated.append(value)
-        seen.add(value)
-    if repeated:
-        raise ValueError(f"--data {path}: the id column repeats {repeated[:5]}; every question needs a unique id "
-                         "(results are resumed by id)")
-    return list(ids)
-
-
-def check_images(dataset, path: Path) -> None:
-    """Raise ValueError unless `image` is an Image feature or holds paths that exist (relative to the data file)."""
-    import datasets
-
-    feature = dataset.features["image"]
-    if isinstance(feature, datasets.Image):
-        return
-    if getattr(feature, "dtype", None) not in STRING_DTYPES:
-        raise ValueError(f"--data {path}: column 'image' must be a datasets Image feature or image file paths, "
-                         f"got {feature}")
-    missing = [value for value in dataset["image"] if not image_path(value, path).is_file()]
-    if missing:
-        raise ValueError(f"--data {path}: {len(missing)} image file(s) not found, e.g. {missing[:3]} (relative paths "
-                         f"are read from {path.parent})")
-
-
-def image_files_fingerprint(dataset, data_path: Path) -> str:
-    """SHA-256 of the image files the data set names by path (a path column, or Image entries without bytes)."""
-    import datasets
-
-    column = dataset.select_columns(["image"])
-    if isinstance(column.features["image"], datasets.Image):
-        column = column.cast_column("image", datasets.Image(decode=False))
-    digest = hashlib.sha256()
-    for batch in column.iter(batch_size=256):
-        for value in batch["image"]:
-            name = value if isinstance(value, str) else (value["path"] if value["bytes"] is None else None)
-            if name is None:
-                continue
-            digest.update(name.encode() + b"\0")
-            try:
-                digest.update(sha256_of_files([image_path(name, data_path)]).encode())
-            except OSError as error:  # unreadable: its row fails later with its own error
-                digest.update(f"unreadable: {error.strerror}".encode())
-    return digest.hexdigest()
-
-
-def image_path(value: str, data_path: Path) -> Path:
-    candidate = Path(value).expanduser()
-    return candidate if candidate.is_absolute() else data_path.parent / candidate
-
-
-def load_image(value, data_path: Path):
-    """A PIL image from a decoded Image feature or a path (relative to the data file)."""
-    import PIL.Image
-
-    if isinstance(value, PIL.Image.Image):
-        return value
-    return PIL.Image.open(image_path(value, data_path))
-
-
 def check_answers(dataset, metric: str, path: Path) -> None:
     """Dry-run the metric's own input checks on the gold answers (e.g. VQA accuracy needs >= 2 answers per question)."""
     references = dataset.select_columns(["answers"])["answers"]
@@ -219,14 +79,11 @@ def read_model_config(model_dir: Path):
 
 
 def check_budget(config, budget: int | None) -> None:
-    """Raise ValueError unless `budget` is None or a SHIRG budget this model takes."""
+    """Raise ValueError unless `budget` is None or a budget K this model's selecting vision mode takes."""
     if budget is None:
         return
-    if config.vision_mode != "shirg":
-        raise ValueError(f"--budget only applies to vision_mode='shirg' models; this model is "
-                         f"{config.vision_mode!r}. Leave out --budget.")
     try:
-        config.check_budget(budget)
+        config.num_image_tokens(budget=budget)
     except ValueError as error:
         raise ValueError(f"--budget {budget} does not fit this model: {error}") from None
 
@@ -345,8 +202,7 @@ def run_eval(
     from .processing.processing_shirg_lavida import build_prompt
 
     model_dir, data_path, out_dir = Path(model_dir).resolve(), Path(data_path).resolve(), Path(out_dir).resolve()
-    if metric not in METRICS:
-        raise ValueError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    get_metric(metric)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -359,8 +215,10 @@ def run_eval(
                  (("max_new_tokens", max_new_tokens), ("block_length", block_length), ("step_ratio", step_ratio))
                  if value is not None}
     generation_config = resolve_generation_config(model_dir, config, overrides)
-    dataset, split, data_fingerprint = load_vqa_dataset(data_path, split)
-    check_columns(dataset, data_path)
+    loaded, data_fingerprint = load_vqa_data(data_path)
+    dataset, split = pick_split(loaded, split, data_path)
+    dataset = with_answers(dataset)
+    check_columns(dataset, f"--data {data_path}")
     ids = question_ids(dataset, data_path)
     check_answers(dataset, metric, data_path)
     check_images(dataset, data_path)
@@ -398,8 +256,7 @@ def run_eval(
                         return_tensors="pt", **budget_kwargs,
                     ).to(device)
                     with torch.inference_mode():
-                        answer_ids = model.generate(**inputs, generation_config=generation_config,
-                                                    **budget_kwargs)  # [B, L]
+                        answer_ids = model.generate(**inputs, generation_config=generation_config)  # [B, L]
                     answers = [answer.strip() for answer in processor.batch_decode(answer_ids)]
                     for row, question, gold, prediction in zip(rows, batch["question"], batch["answers"], answers):
                         record = {"id": ids[row], "question": question, "prediction": prediction, "answers": gold,
@@ -432,7 +289,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", required=True, metavar="PATH",
                         help="datasets.save_to_disk folder, or a json/jsonl/parquet file (columns image, question, "
                              "answers, optional id)")
-    parser.add_argument("--metric", required=True, choices=tuple(METRICS), help="anls, relaxed (ChartQA) or vqa")
+    parser.add_argument("--metric", required=True, choices=tuple(METRICS),
+                        help="; ".join(f"{name}: {metric.description}" for name, metric in METRICS.items()))
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder (resumed if it holds this run)")
     parser.add_argument("--budget", type=int, metavar="K", help="SHIRG budget K (default: the model's)")
     parser.add_argument("--split", help="split of a multi-split data set")
@@ -453,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, block_length=args.block_length, step_ratio=args.step_ratio,
         batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
     )
-    name = METRICS[args.metric]
+    name = get_metric(args.metric).key
     print(f"{name}: {result[name]:.4f} over {result['num_answered']} of {result['num_questions']} questions "
           f"({'complete' if result['complete'] else 'partial'}); results in {Path(args.out).resolve()}")
     return 0

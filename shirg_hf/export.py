@@ -147,45 +147,51 @@ def _cell(value) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`"
 
 
-def build_model_card(config, adapter_config: dict, record: dict, merged: bool, repo: str | None,
-                     base_repo: str | None) -> str:
-    """The README.md of an exported folder: YAML metadata + usage + selection, LoRA and training settings."""
+def build_model_card(config, adapter_config: dict | None = None, record: dict | None = None, merged: bool = True,
+                     repo: str | None = None, base_repo: str | None = None) -> str:
+    """The README.md of a saved or exported folder: YAML metadata + usage + the vision front end settings, and
+    with `adapter_config` the LoRA settings and training record (`record`)."""
     from huggingface_hub import ModelCardData
 
     metadata = ModelCardData(
         library_name="transformers",
         base_model=base_repo,
-        tags=CARD_TAGS if merged else [*CARD_TAGS, "peft"],
+        tags=[tag for tag in CARD_TAGS if adapter_config is not None or tag != "lora"] + ([] if merged else ["peft"]),
         pipeline_tag="image-text-to-text",
     )
     selection = config.selection
-    layout = (
-        "The LoRA adapter is **merged** into these weights: this is a plain model, no peft needed."
-        if merged else
-        f"**`AutoModel` alone loads the base model**; the LoRA adapter is unmerged in `{ADAPTER_SUBFOLDER}/` and "
-        f"is applied with `PeftModel.from_pretrained(model, repo, subfolder=\"{ADAPTER_SUBFOLDER}\")`."
-    )
-    budgets = record.get("budgets")
-    rows = [
-        ("LoRA rank r", adapter_config.get("r")),
-        ("LoRA alpha", adapter_config.get("lora_alpha")),
-        ("LoRA dropout", adapter_config.get("lora_dropout")),
-        ("target modules", adapter_config.get("target_modules")),
-        ("budgets trained on (K)", budgets),
-        ("training data", record.get("dataset")),
-    ]
-    rows += [(key, value) for key, value in sorted(record.items()) if key not in ("budgets", "dataset")]
-    lora_table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+    if adapter_config is None:
+        title = f"SHIRG-LaViDa ({config.vision_mode})"
+        intro = "LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token\n" \
+                "selection, saved by [shirg-hf](https://pypi.org/project/shirg-hf/)."
+        layout, fine_tuning = "", ""
+    else:
+        title = f"SHIRG-LaViDa with a LoRA-adapted projector ({'merged' if merged else 'base + adapter'})"
+        intro = "LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token\n" \
+                "selection and a LoRA fine-tune (targets below), exported by [shirg-hf](https://pypi.org/project/shirg-hf/)."
+        layout = ("The LoRA adapter is **merged** into these weights: this is a plain model, no peft needed.\n\n"
+                  if merged else
+                  f"**`AutoModel` alone loads the base model**; the LoRA adapter is unmerged in `{ADAPTER_SUBFOLDER}/` "
+                  f"and is applied with `PeftModel.from_pretrained(model, repo, subfolder=\"{ADAPTER_SUBFOLDER}\")`.\n\n")
+        record = record or {}
+        rows = [
+            ("LoRA rank r", adapter_config.get("r")),
+            ("LoRA alpha", adapter_config.get("lora_alpha")),
+            ("LoRA dropout", adapter_config.get("lora_dropout")),
+            ("target modules", adapter_config.get("target_modules")),
+            ("budgets trained on (K)", record.get("budgets")),
+            ("training data", record.get("dataset")),
+        ]
+        rows += [(key, value) for key, value in sorted(record.items()) if key not in ("budgets", "dataset")]
+        lora_table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+        fine_tuning = f"\n## Fine-tuning\n\n| setting | value |\n|---|---|\n{lora_table}\n"
     body = f"""
-# SHIRG-LaViDa with a LoRA-adapted projector ({"merged" if merged else "base + adapter"})
+# {title}
 
-LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token
-selection and a LoRA fine-tune (targets below), exported by [shirg-hf](https://pypi.org/project/shirg-hf/).
+{intro}
 The code ships in this repo: loading needs `transformers` and `torch`{"" if merged else " (and `peft`)"}.
 
-{layout}
-
-```python
+{layout}```python
 {usage_snippet(repo, merged)}
 ```
 
@@ -201,15 +207,16 @@ The code ships in this repo: loading needs `transformers` and `torch`{"" if merg
 | coverage cells | {_cell(selection["coverage_cells"])} |
 | seed | {selection["seed"]} |
 
-Pass `shirg_budget=K` to the processor (and `generate`) to use another budget.
-
-## Fine-tuning
-
-| setting | value |
-|---|---|
-{lora_table}
-"""
+Pass `shirg_budget=K` to the processor to use another budget; its output carries K to `generate`.
+{fine_tuning}"""
     return f"---\n{metadata.to_yaml()}\n---\n{body}"
+
+
+def save_model_folder(model, processor, folder) -> None:
+    """`save_pretrained` of the model and its processor into `folder`, plus the model card (README.md)."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (Path(folder) / MODEL_CARD_NAME).write_text(build_model_card(model.config), encoding="utf-8")
 
 
 def saved_dtype(config):

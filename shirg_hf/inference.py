@@ -29,7 +29,7 @@ def answer_question(model, processor, image, question: str, budget: int | None =
     inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt", **budget_kwargs)
     started = time.perf_counter()
     with torch.inference_mode():
-        answer_ids = model.generate(**inputs, **budget_kwargs, **generate_kwargs)
+        answer_ids = model.generate(**inputs, **generate_kwargs)
     seconds = time.perf_counter() - started
     return {"answer": processor.decode(answer_ids[0]).strip(), "answer_ids": answer_ids[0].tolist(),
             "prefix_length": inputs["input_ids"].shape[1], "seconds": seconds}

@@ -1,27 +1,29 @@
 """Fine-tuning helpers: LLaDA forward noising with LaViDa's complementary masking, the data collator, the
 projector LoRA config, adapter checks, a Trainer that keeps the noise streams reproducible, and a synthetic
-shapes/colours/text data set for demos and tests.
+shapes/colours/text data set for demos and tests. `shirg_hf.train` (`shirg-hf train`) runs them.
 
 One adapter learns every SHIRG budget: the collator draws one keep budget K per batch from a set ("full",
-1024, 768, 512 by default), so the projector LoRA sees all the token counts it will serve at inference.
+1024, 768, 512 by default; a non-selecting vision mode such as "lowres" may be mixed in), so the projector LoRA
+sees all the token counts it will serve at inference.
 """
 
 import contextlib
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .data import ANSWER_ALIAS, REQUIRED_COLUMNS, check_columns, row_answers
 from .processing.processing_shirg_lavida import LAVIDA_SYSTEM_PROMPT, build_prompt
+from .processing.visual_tokens import get_vision_mode, vision_mode_names
 
 
 DEFAULT_BUDGETS = ("full", 1024, 768, 512)
-FULL_BUDGET_NAMES = ("full", "baseline")
-REQUIRED_COLUMNS = ("image", "question", "answer")
+FULL_BUDGET_NAMES = ("full", "baseline")  # K = N: every high-res patch, no summary token
 
 
 def complementary_noising(
@@ -110,17 +112,18 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- budgets ---------------------------------------------------------------------------------------------
-def resolve_budgets(budgets: Iterable, processor) -> tuple[int, ...]:
-    """Keep budgets K for the model `processor` was built for, validated before any training step.
+def resolve_budgets(budgets: Iterable, processor) -> tuple[int | str, ...]:
+    """What each batch may be built with, for the model `processor` was built for, validated before training.
 
-    Entries: "full" / "baseline" (K = N, every high-res patch kept, no summary token), an integer K, or a
-    fraction of N in (0, 1] (K = round(f * N); the defaults 1024/768/512 of a 2,304-patch model are
-    0.444/0.333/0.222). Strings are parsed, so `"full,0.5,64".split(",")` works. Nothing is clipped or
-    substituted: a K the model cannot take raises `ValueError`.
+    Entries: "full" / "baseline" (K = N, every high-res patch kept, no summary token), an integer K, a fraction of
+    N in (0, 1] (K = round(f * N); the defaults 1024/768/512 of a 2,304-patch model are 0.444/0.333/0.222), or the
+    name of another registered, non-selecting vision mode (e.g. "lowres": that batch uses the native view).
+    Strings are parsed, so `"full,0.5,64".split(",")` works. Nothing is clipped or substituted: an entry the model
+    cannot take raises `ValueError`.
     """
-    if processor.vision_mode != "shirg":
-        raise ValueError(f"keep budgets only apply to vision_mode='shirg'; this processor is "
-                         f"{processor.vision_mode!r}. Pass budgets=None.")
+    if not get_vision_mode(processor.vision_mode).selects:
+        raise ValueError(f"keep budgets only apply to selecting vision modes such as vision_mode='shirg'; this "
+                         f"processor is {processor.vision_mode!r}. Pass budgets=None.")
     entries = list(budgets)
     if not entries:
         raise ValueError("budgets is empty: give at least one keep budget, e.g. ('full', 768).")
@@ -128,32 +131,37 @@ def resolve_budgets(budgets: Iterable, processor) -> tuple[int, ...]:
     resolved = []
     for entry in entries:
         budget = _parse_budget(entry, num_patches)
-        try:
-            processor.check_budget(budget)
-        except ValueError as error:
-            raise ValueError(
-                f"budget {entry!r} (K = {budget}) does not fit this model ({num_patches} high-res patches, "
-                f"coverage cells {processor.coverage_cells[0]}x{processor.coverage_cells[1]}): {error} Pass budgets "
-                f"valid for this model, e.g. fractions of N such as full,0.444,0.333,0.222."
-            ) from None
+        if isinstance(budget, int):
+            try:
+                processor.check_budget(budget)
+            except ValueError as error:
+                rows, cols = processor.selection["coverage_cells"]
+                raise ValueError(
+                    f"budget {entry!r} (K = {budget}) does not fit this model ({num_patches} high-res patches, "
+                    f"coverage cells {rows}x{cols}): {error} Pass budgets valid for this model, e.g. fractions of N "
+                    f"such as full,0.444,0.333,0.222."
+                ) from None
         resolved.append(budget)
-    repeated = sorted({budget for budget in resolved if resolved.count(budget) > 1})
+    repeated = sorted({str(budget) for budget in resolved if resolved.count(budget) > 1})
     if repeated:
         raise ValueError(f"budgets {entries!r} give the same K more than once ({repeated}); each K must appear once "
                          "(a repeated K would silently be drawn more often).")
     return tuple(resolved)
 
 
-def _parse_budget(entry, num_patches: int) -> int:
+def _parse_budget(entry, num_patches: int) -> int | str:
     if isinstance(entry, str):
         text = entry.strip().lower()
         if text in FULL_BUDGET_NAMES:
             return num_patches
+        if text in vision_mode_names() and not get_vision_mode(text).selects:
+            return text
         try:
             entry = int(text) if text.lstrip("+-").isdigit() else float(text)
         except ValueError:
-            raise ValueError(f"cannot read budget {entry!r}: expected 'full', 'baseline', an integer K or a fraction "
-                             "of the high-res patches in (0, 1]") from None
+            raise ValueError(f"cannot read budget {entry!r}: expected 'full', 'baseline', an integer K, a fraction "
+                             f"of the high-res patches in (0, 1] or a non-selecting vision mode "
+                             f"{[name for name in vision_mode_names() if not get_vision_mode(name).selects]}") from None
     if isinstance(entry, bool) or not isinstance(entry, (int, float)):
         raise ValueError(f"budget {entry!r} must be 'full', 'baseline', an integer K or a fraction in (0, 1]")
     if isinstance(entry, float):
@@ -165,21 +173,12 @@ def _parse_budget(entry, num_patches: int) -> int:
 
 
 # ---- data --------------------------------------------------------------------------------------------------
-def check_dataset_columns(dataset, name: str = "dataset", required: Sequence[str] = REQUIRED_COLUMNS) -> None:
-    """Raise `ValueError` unless `dataset` (a `datasets.Dataset`) has the columns the collator reads."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        raise ValueError(f"{name} must be a datasets.Dataset with columns {list(required)}, got "
+def check_dataset_columns(dataset, name: str = "dataset") -> None:
+    """Raise `ValueError` unless `dataset` (a `datasets.Dataset`) follows the data schema (`shirg_hf.data`)."""
+    if getattr(dataset, "column_names", None) is None:
+        raise ValueError(f"{name} must be a datasets.Dataset with columns {list(REQUIRED_COLUMNS)}, got "
                          f"{type(dataset).__name__}.")
-    missing = [column for column in required if column not in columns]
-    if missing:
-        raise ValueError(
-            f"{name} lacks the column(s) {missing}: it has {columns}, but training needs {list(required)} "
-            "(image: a PIL image or an image file path, question and answer: strings). Rename columns with "
-            "dataset.rename_column(old, new)."
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"{name} has no rows.")
+    check_columns(dataset, name)
 
 
 def _seeded_generator(*key: int) -> torch.Generator:
@@ -189,11 +188,12 @@ def _seeded_generator(*key: int) -> torch.Generator:
 
 
 class ShirgDiffusionCollator:
-    """Rows {image, question, answer} -> a noised masked-diffusion training batch for ShirgLavidaForDiffusionLM.
+    """Rows {image, question, answers} -> a noised masked-diffusion training batch for ShirgLavidaForDiffusionLM.
 
-    Per batch: one keep budget K is drawn from `budgets`; prompts are LaViDa's chat prompt
-    (`build_prompt`: system prompt, "<image>\\n{question}", assistant header) run through the processor with that
-    K; the answer is `answer.strip() + answer_suffix` (`<|eot_id|>`, LaViDa's targets); every row is
+    Per batch: one entry of `budgets` is drawn (a keep budget K, or a non-selecting vision mode); prompts are
+    LaViDa's chat prompt (`build_prompt`: system prompt, "<image>\\n{question}", assistant header) run through the
+    processor with it; the target is the first gold answer, `answers[0].strip() + answer_suffix` (`<|eot_id|>`,
+    LaViDa's targets; a row's `answer` string is accepted as the alias, see `shirg_hf.data`); every row is
     `[prompt][answer][<|endoftext|> ...]`, right-padded to the batch length with the pad (EOS) token, which is a
     target like the answer (LLaDA SFT practice). There is no left padding, so rotary positions are 0..T-1 in
     every row, and the prompt ids are exactly those the same processor gives `generate` (its
@@ -203,9 +203,9 @@ class ShirgDiffusionCollator:
     Returns `input_ids`, `attention_mask` (all ones: EOS padding is attended, LaViDa), `labels`,
     `prefix_lengths` [2B] (prompt lengths, for the prefix-DLM training mask), `pixel_values` [B, ...] (and
     `image_sizes` for `lavida-hd`) once per image with `image_rows` [2B] naming each row's image (the tower and
-    the selector run once per image, as LaViDa computes features once for both copies), `shirg_budget` (int,
-    `shirg` mode) and `p_mask` [2B] only with `inverse_p_weighting` (LLaDA's 1/p estimator instead of LaViDa's
-    mean CE).
+    the selector run once per image, as LaViDa computes features once for both copies), the processor's
+    `vision_mode` (and `selection_method`, `shirg_budget` for selecting modes) and `p_mask` [2B] only with
+    `inverse_p_weighting` (LLaDA's 1/p estimator instead of LaViDa's mean CE).
 
     Randomness is reproducible: the budget of a batch is a function of (seed, batch index) only, so all DDP
     ranks use the same K at each step (balanced sequence lengths); the noise also depends on the rank, so ranks
@@ -259,8 +259,9 @@ class ShirgDiffusionCollator:
             raise ValueError(f"min_answer_length must be a positive integer or None, got {min_answer_length!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if budgets is None and processor.vision_mode == "shirg":
-            raise ValueError("vision_mode='shirg' needs keep budgets to draw from, e.g. budgets=('full', 768).")
+        if budgets is None and get_vision_mode(processor.vision_mode).selects:
+            raise ValueError(f"vision_mode={processor.vision_mode!r} needs keep budgets to draw from, e.g. "
+                             "budgets=('full', 768).")
         self.processor = processor
         self.mask_token_id = mask_token_id
         self.budgets = None if budgets is None else resolve_budgets(budgets, processor)
@@ -294,16 +295,17 @@ class ShirgDiffusionCollator:
             raise ValueError("cannot collate an empty batch")
         self._check_rows(rows)
         stream_key = (self.seed, self._stream, self._worker_key(), self.batches_drawn)
-        budget = None
+        variant = {}
         if self.budgets is not None:
-            draw = torch.randint(len(self.budgets), (), generator=_seeded_generator(*stream_key))
-            budget = self.budgets[int(draw)]
+            draw = self.budgets[int(torch.randint(len(self.budgets), (), generator=_seeded_generator(*stream_key)))]
+            variant = {"vision_mode": draw} if isinstance(draw, str) else {"shirg_budget": draw}
         encoded = self.processor(
             images=[row["image"] for row in rows],
             text=[build_prompt(row["question"], self.system_prompt) for row in rows],
-            shirg_budget=budget, padding=True, padding_side="right", return_tensors="pt",
+            padding=True, padding_side="right", return_tensors="pt", **variant,
         )
-        input_ids, answer_mask, prompt_lengths = self._assemble(encoded, [row["answer"] for row in rows])
+        answers = [row_answers(row, index)[0] for index, row in enumerate(rows)]
+        input_ids, answer_mask, prompt_lengths = self._assemble(encoded, answers)
         noised = complementary_noising(
             input_ids, answer_mask, self.mask_token_id, generator=_seeded_generator(*stream_key, _rank() + 1),
             eps=self.eps, complementary=self.complementary,
@@ -317,10 +319,9 @@ class ShirgDiffusionCollator:
             "pixel_values": encoded["pixel_values"],  # [B, ...]: each image once
             "image_rows": source_rows,  # [B'] the image of every row
         }
-        if "image_sizes" in encoded:
-            batch["image_sizes"] = encoded["image_sizes"]  # [B, 2]
-        if budget is not None:
-            batch["shirg_budget"] = budget
+        for key in ("image_sizes", "vision_mode", "selection_method", "shirg_budget"):  # as the processor gives them
+            if key in encoded:
+                batch[key] = encoded[key]
         if self.inverse_p_weighting:
             batch["p_mask"] = noised["p_mask"]  # [B']
         self.batches_drawn += 1
@@ -336,15 +337,15 @@ class ShirgDiffusionCollator:
 
     def _check_rows(self, rows: list[dict]) -> None:
         for index, row in enumerate(rows):
-            missing = [column for column in REQUIRED_COLUMNS if column not in row]
-            if missing:
+            missing = [column for column in ("image", "question") if column not in row]
+            if missing or not ("answers" in row or ANSWER_ALIAS in row):
                 raise ValueError(
-                    f"row {index} of the batch lacks {missing} (it has {sorted(row)}); the collator needs "
-                    f"{list(REQUIRED_COLUMNS)}. With the Trainer, set remove_unused_columns=False."
+                    f"row {index} of the batch lacks {missing or ['answers']} (it has {sorted(row)}); the collator "
+                    f"needs {list(REQUIRED_COLUMNS)}. With the Trainer, set remove_unused_columns=False."
                 )
-            for column in ("question", "answer"):
-                if not isinstance(row[column], str):
-                    raise ValueError(f"row {index}: '{column}' must be a string, got {type(row[column]).__name__}")
+            if not isinstance(row["question"], str):
+                raise ValueError(f"row {index}: 'question' must be a string, got {type(row['question']).__name__}")
+            row_answers(row, index)
 
     def _assemble(self, encoded, answers: list[str]):
         """[prompt][answer + suffix][pad ...] rows, the answer mask and the prompt lengths.  -> [B, T], [B, T], [B]"""
@@ -467,7 +468,7 @@ _SYNTHETIC_QUESTIONS = {
 
 def synthetic_shapes_dataset(num_rows: int, seed: int = 0, image_size: int = 64):
     """A deterministic `datasets.Dataset` of drawn images: one coloured shape and one written word on a grey
-    background, with a question about the colour, the shape or the word (columns id, image, question, answer)."""
+    background, with a question about the colour, the shape or the word (columns id, image, question, answers)."""
     import datasets
     import PIL.Image
     import PIL.ImageDraw
@@ -479,7 +480,7 @@ def synthetic_shapes_dataset(num_rows: int, seed: int = 0, image_size: int = 64)
         raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
     rng = random.Random(seed)
     font = PIL.ImageFont.load_default()
-    records = {"id": [], "image": [], "question": [], "answer": []}
+    records = {"id": [], "image": [], "question": [], "answers": []}
     for index in range(num_rows):
         colour, shape, word = rng.choice(list(SYNTHETIC_COLOURS)), rng.choice(SYNTHETIC_SHAPES), rng.choice(
             SYNTHETIC_WORDS)
@@ -500,10 +501,10 @@ def synthetic_shapes_dataset(num_rows: int, seed: int = 0, image_size: int = 64)
         draw.text((2, 1), word, fill=(0, 0, 0), font=font)
         kind = rng.choice(list(_SYNTHETIC_QUESTIONS))
         answer = {"colour": colour, "shape": shape, "word": word}[kind]
-        for column, value in zip(records, (index, image, _SYNTHETIC_QUESTIONS[kind], answer)):
+        for column, value in zip(records, (index, image, _SYNTHETIC_QUESTIONS[kind], [answer])):
             records[column].append(value)
     features = datasets.Features({
         "id": datasets.Value("int64"), "image": datasets.Image(),
-        "question": datasets.Value("string"), "answer": datasets.Value("string"),
+        "question": datasets.Value("string"), "answers": datasets.List(datasets.Value("string")),
     })
     return datasets.Dataset.from_dict(records, features=features)

@@ -2,9 +2,10 @@
 
 The picture has two panels side by side: the image as the tower sees it with dropped patches dimmed (kept
 patches stay bright, coverage cells outlined), and the per-patch score as a heat-map (dark blue = low,
-yellow = high). Until the trained model is loadable here (issue 6), the command encodes the image with a
-randomly initialised tiny SigLIP tower and says so on the picture: the scores then show the mechanics of the
-selector (text, edges and distinctive regions against bland background), not what a trained tower sees.
+yellow = high). With `--model` the command uses that model's tower and selection settings; without it, it
+encodes the image with a randomly initialised tiny SigLIP tower and says so on the picture: the scores then show
+the mechanics of the selector (text, edges and distinctive regions against bland background), not what a trained
+tower sees.
 """
 
 import argparse
@@ -15,13 +16,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .fileio import atomic_file
-from .modeling.selection_shirg import METHODS, ShirgSelector
+from .modeling.selection_shirg import ShirgSelector
+from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, get_selection_method, selection_method_names
 from .processing.image_processing_shirg import ShirgImageProcessor, to_rgb_image
 from .validation import check_model_source
 
 # Viridis sampled at 0, 0.25, 0.5, 0.75, 1 (linear interpolation in between).
 HEAT_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
-PATCH_SIZE = 14
+PATCH_SIZE = LAVIDA_GEOMETRY.patch_size  # of the random tiny tower
+RANDOM_TOWER_BUDGET = 192  # K of the random tower's default 24 x 24 grid
 CELL_PIXELS = 16  # rendered size of one patch
 DIM_FACTOR = 0.25  # brightness kept by dropped patches
 BACKGROUND = (255, 255, 255)
@@ -163,7 +166,9 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="save_pretrained folder (or Hub repo id) whose tower and selection to use")
     parser.add_argument("--budget", type=int,
                         help="K, patches to keep (default: the model's; without --model 192 of 24x24 = 576)")
-    parser.add_argument("--method", choices=METHODS, help="selection method (default: the model's, else shirg)")
+    parser.add_argument("--method", choices=selection_method_names(),
+                        help="a registered selection method (default: the model's, else "
+                             f"{DEFAULT_SELECTION['method']})")
     parser.add_argument("--grid", type=int, default=24,
                         help="without --model: patches per side; the image is resized to GRID*14 pixels (default 24)")
     parser.add_argument("--coverage", type=int, nargs=2, metavar=("ROWS", "COLS"),
@@ -206,24 +211,24 @@ def run(args: argparse.Namespace) -> int:
         note = f"model: {args.model}"
     else:
         grid_size = (args.grid, args.grid)
-        selection_config = {"method": "shirg", "budget": 192, "coverage_cells": [8, 8], "weights": None}
+        selection_config = {**DEFAULT_SELECTION, "budget": RANDOM_TOWER_BUDGET}
         tower = random_tiny_tower(args.grid * PATCH_SIZE, args.seed)
         features = tower_features(tower, pixel_values_for(image, args.grid * PATCH_SIZE))  # [1, N, D]
         note = "RANDOM WEIGHTS: randomly initialised tiny SigLIP (untrained) - shows the mechanics, not a trained model"
     method = args.method or selection_config["method"]
     budget = args.budget if args.budget is not None else selection_config["budget"]
     coverage = tuple(args.coverage or selection_config["coverage_cells"])
-    weights = selection_config["weights"] and tuple(selection_config["weights"])
     selector = ShirgSelector(method=method, budget=budget, coverage_cells=coverage, seed=args.seed,
-                             **({"weights": weights} if weights else {}))
+                             weights=tuple(selection_config["weights"]), summary=selection_config["summary"])
     num_patches = grid_size[0] * grid_size[1]
     selector.check_budget(budget, num_patches)
     selection = selector(features, grid_size=grid_size)
     summary = " + 1 summary token" if selection.has_summary else ""
     title = (f"SHIRG selection  method={method}  K={selection.kept_indices.shape[1]} of "
              f"{num_patches} patches{summary}")
-    cells = coverage if method in ("shirg", "no_summary") else None
-    caption = f"{budget} pooled regions (centres shown; unscored)" if method == "pooled" else None
+    spec = get_selection_method(method)
+    cells = coverage if spec.uses_coverage else None
+    caption = f"{budget} {method} regions (centres shown)" if spec.builder is not None else None
     picture = render_selection(image, selection.scores[0], selection.kept_indices[0], grid_size, title, note, cells,
                                caption)
     written = save_png_atomically(picture, out, args.overwrite)

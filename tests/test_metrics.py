@@ -197,7 +197,7 @@ def test_vqa_mean_over_questions():
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", metrics.METRIC_NAMES)
+@pytest.mark.parametrize("name", [metric.key for metric in metrics.METRICS.values()])
 @pytest.mark.parametrize(
     "predictions, references, message",
     [

@@ -74,6 +74,11 @@ def relaxed_correctness(target: str, prediction: str) -> bool:
     return prediction.lower() == target.lower()
 
 
+def relaxed_score(prediction: str, gold_answers: list) -> float:
+    """1.0 when the prediction is relaxed-correct for any gold answer, else 0.0."""
+    return float(max(relaxed_correctness(gold, prediction) for gold in gold_answers))
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RelaxedAccuracy(ChecksAnswerInputs, evaluate.Metric):
     """ChartQA relaxed accuracy; `compute` returns `{"relaxed_accuracy": float}`."""
@@ -83,8 +88,5 @@ class RelaxedAccuracy(ChecksAnswerInputs, evaluate.Metric):
 
     def _compute(self, predictions, references):
         check_not_empty(predictions)
-        correct = [
-            max(relaxed_correctness(target, prediction) for target in targets)
-            for prediction, targets in zip(predictions, references)
-        ]
+        correct = [relaxed_score(prediction, targets) for prediction, targets in zip(predictions, references)]
         return {"relaxed_accuracy": sum(correct) / len(correct)}
