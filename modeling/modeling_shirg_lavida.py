@@ -41,6 +41,33 @@ class ShirgLavidaOutput(ModelOutput):
     kept_indices: torch.LongTensor | None = None
 
 
+def check_pixel_values(pixel_values, mode: str) -> None:
+    """Raise `ValueError` unless `pixel_values` is what the processor returns for `mode`, with finite values.
+
+    `lavida-hd` takes [B, V, 3, S, S] or a list of [V_i, 3, S, S] tensors, the other modes [B, 3, S, S].
+    """
+    if mode == "lavida-hd" and isinstance(pixel_values, (list, tuple)):
+        views, expected, dims = list(pixel_values), "a list of [V_i, 3, S, S]", 4
+    elif mode == "lavida-hd":
+        views, expected, dims = [pixel_values], "[B, V, 3, S, S] or a list of [V_i, 3, S, S]", 5
+    else:
+        views, expected, dims = [pixel_values], "[B, 3, S, S]", 4
+    for tensor in views:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch tensor {expected} for vision_mode='{mode}', got "
+                             f"{type(tensor).__name__}; call the processor with return_tensors='pt' (or use "
+                             "torch.from_numpy).")
+        if tensor.dim() != dims:
+            raise ValueError(f"pixel_values must be {expected} for vision_mode='{mode}', got shape "
+                             f"{tuple(tensor.shape)}; a single image needs a batch dimension (pixel_values[None]).")
+        if not tensor.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {tensor.dtype}; preprocess the images with "
+                             "the processor.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"pixel_values contain NaN or infinite values (vision_mode='{mode}'); preprocess the "
+                             "images with the processor, which only produces finite values.")
+
+
 class ShirgProjector(nn.Module):
     """LaViDa's `mlp2x_gelu`: Linear(vision hidden -> text hidden) -> GELU (exact erf) -> Linear(text -> text)."""
 
@@ -144,6 +171,25 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         self.language_model = LladaForMaskedDiffusion(config.text_config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, output_loading_info: bool = False,
+                        **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses a checkpoint lacking some weights.
+
+        transformers would initialise missing tensors randomly and only log a notice, so the model would answer
+        nonsense. Pass `allow_missing_weights=True` to accept that (e.g. to train the missing parts).
+        """
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weight tensor(s) ({shown}), which would be randomly "
+                "initialised; restore the complete model.safetensors (re-convert or re-save the model), or pass "
+                "allow_missing_weights=True to load it anyway"
+            )
+        return (model, loading_info) if output_loading_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained` plus a model card README.md with usage (an existing card is kept)."""
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -194,6 +240,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
     ) -> tuple[list[torch.Tensor], torch.LongTensor | None]:
         """Visual token embeddings per image (list of [n_i, H]) and, for `shirg`, the kept indices [B, K]."""
         mode = vision_mode or self.config.vision_mode
+        check_pixel_values(pixel_values, mode)
         if mode in ("shirg", "full"):
             self._check_pixel_size(pixel_values, self.config.highres_image_size, mode)
             features = self.vision_features(pixel_values)  # [B, N, Dv]
@@ -227,6 +274,11 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         if image_sizes is None:
             raise ValueError("vision_mode='lavida-hd' needs image_sizes [B, 2] as (width, height) per image, as "
                              "ShirgLavidaProcessor returns them for this mode.")
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        if not all(isinstance(size, (list, tuple)) and len(size) == 2 and all(
+                isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size) for size in sizes):
+            raise ValueError(f"image_sizes must hold one (width, height) pair of positive integers per image, got "
+                             f"{sizes!r}; use the image_sizes the processor returns.")
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
             views_per_image = []
             for views, image_size in zip(pixel_values, image_sizes):
@@ -283,21 +335,32 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
     def budget_from_placeholders(self, placeholder_counts: torch.LongTensor) -> int:
         """The SHIRG budget K whose token count (K, + 1 summary) equals the prompt's placeholders per row [B].
 
-        Lets `generate(**processor(..., shirg_budget=K))` work without repeating K; the config's budget wins
-        when it fits (K == N - 1 with a summary and K == N without one give the same count).
+        Lets `generate(**processor(..., shirg_budget=K))` work without repeating K. K == N - 1 with a summary and
+        K == N without one give the same count: that case is an error asking for `shirg_budget` (never a guess).
         """
         counts = placeholder_counts.unique().tolist()
         if len(counts) != 1:
             raise ValueError(f"rows have different numbers of image placeholder tokens {counts}; in 'shirg' mode "
                              "every image of a batch uses the same budget K")
         count = counts[0]
-        for budget in (self.config.selection["budget"], count - 1, count):
+        if self.config.selection["method"] == "full":  # every budget keeps all N patches
+            return self.config.selection["budget"]
+        budgets = []
+        for budget in (count - 1, count):
             if 1 <= budget <= self.config.num_highres_patches:
                 try:
                     if self.config.num_selected_tokens(budget) == count:
-                        return budget
+                        budgets.append(budget)
                 except ValueError:
                     continue
+        if len(budgets) == 1:
+            return budgets[0]
+        if budgets:
+            raise ValueError(
+                f"the prompt has {count} image placeholder tokens per row, which both K={budgets[0]} (+ 1 summary "
+                f"token) and K={budgets[1]} (all patches, no summary) produce; pass the same shirg_budget=K to "
+                "generate()/forward() as to the processor."
+            )
         raise ValueError(
             f"the prompt has {count} image placeholder tokens per row, which no valid SHIRG budget produces "
             "(K kept tokens + 1 summary). Build the prompt with this model's processor, or pass shirg_budget=K."
@@ -319,6 +382,16 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         """
         image_token_id = self.config.image_token_id
         vocab_size = self.config.text_config.vocab_size
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: every row needs a prompt (e.g. processor(text=[build_prompt("
+                             "question)], images=[image])); an empty text gives no tokens.")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+                or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(
+                f"input_ids must be an integer torch tensor [B, T] (torch.long), got "
+                f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')} of shape "
+                f"{tuple(getattr(input_ids, 'shape', ()))}; use the processor's output (or .long())."
+            )
         if input_ids.min() < 0 or input_ids.max() >= vocab_size:
             raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}]; got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")

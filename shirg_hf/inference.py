@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .validation import check_model_source
 from .visualize import load_rgb_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,6 +53,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
+    check_model_source(args.model)
     image = load_rgb_image(args.image)
     model, processor = load_model_and_processor(args.model, DTYPES[args.dtype])
     result = answer_question(model, processor, image, args.question, args.budget,
