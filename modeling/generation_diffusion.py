@@ -293,8 +293,8 @@ def validate_diffusion_settings(config: DiffusionGenerationConfig) -> None:
         raise ValueError(f"Unknown remasking {config.remasking!r}; expected one of {REMASKING_STRATEGIES}{hint}.")
     temperature = config.temperature
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 or None = greedy argmax), got {temperature!r}.")
+                                    or not 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 or None = greedy argmax), got {temperature!r}.")
     if config.mask_token_id is not None and (not _is_int(config.mask_token_id) or config.mask_token_id < 0):
         raise ValueError(f"mask_token_id must be a token id >= 0, got {config.mask_token_id!r}.")
     seeds = config.seed if isinstance(config.seed, (list, tuple)) else [config.seed]

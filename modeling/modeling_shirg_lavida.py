@@ -57,6 +57,33 @@ class ShirgProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+def check_pixel_values(pixel_values, mode) -> None:
+    """Raise `ValueError` unless `pixel_values` is what the processor returns for `mode`, with finite values.
+
+    Anyres modes take [B, V, 3, S, S] or a list of [V_i, 3, S, S] tensors, the other modes [B, 3, S, S].
+    """
+    if mode.anyres and isinstance(pixel_values, (list, tuple)):
+        views, expected, dims = list(pixel_values), "a list of [V_i, 3, S, S]", 4
+    elif mode.anyres:
+        views, expected, dims = [pixel_values], "[B, V, 3, S, S] or a list of [V_i, 3, S, S]", 5
+    else:
+        views, expected, dims = [pixel_values], "[B, 3, S, S]", 4
+    for tensor in views:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch tensor {expected} for vision_mode='{mode.name}', got "
+                             f"{type(tensor).__name__}; call the processor with return_tensors='pt' (or use "
+                             "torch.from_numpy).")
+        if tensor.dim() != dims:
+            raise ValueError(f"pixel_values must be {expected} for vision_mode='{mode.name}', got shape "
+                             f"{tuple(tensor.shape)}; a single image needs a batch dimension (pixel_values[None]).")
+        if not tensor.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {tensor.dtype}; preprocess the images with "
+                             "the processor.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"pixel_values contain NaN or infinite values (vision_mode='{mode.name}'); preprocess "
+                             "the images with the processor, which only produces finite values.")
+
+
 def lavida_unpad(feature_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Remove the rows or columns of `feature_map` [C, H, W] covering the anyres canvas padding (LaViDa's
     `unpad_image`; the arithmetic is `visual_tokens.unpadded_grid_size`)."""
@@ -104,6 +131,25 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = LladaForMaskedDiffusion(config.text_config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, output_loading_info: bool = False,
+                        **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses a checkpoint lacking some weights.
+
+        transformers would initialise missing tensors randomly and only log a notice, so the model would answer
+        nonsense. Pass `allow_missing_weights=True` to accept that (e.g. to train the missing parts).
+        """
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if missing and not allow_missing_weights:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weight tensor(s) ({shown}), which would be randomly "
+                "initialised; restore the complete model.safetensors (re-convert or re-save the model), or pass "
+                "allow_missing_weights=True to load it anyway"
+            )
+        return (model, loading_info) if output_loading_info else model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -155,6 +201,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         elif shirg_budget is not None or selection_method is not None:
             raise ValueError(f"shirg_budget and selection_method only apply to selecting vision modes; "
                              f"vision_mode={mode.name!r} does not select.")
+        check_pixel_values(pixel_values, mode)
         return mode.features(self, pixel_values, image_sizes=image_sizes, method=selection_method,
                              budget=shirg_budget, selection_inputs=selection_inputs)
 
@@ -171,6 +218,11 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         if image_sizes is None:
             raise ValueError("anyres vision modes need image_sizes [B, 2] as (width, height) per image, as "
                              "ShirgLavidaProcessor returns them for these modes.")
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        if not all(isinstance(size, (list, tuple)) and len(size) == 2 and all(
+                isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size) for size in sizes):
+            raise ValueError(f"image_sizes must hold one (width, height) pair of positive integers per image, got "
+                             f"{sizes!r}; use the image_sizes the processor returns.")
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
             views_per_image = []
             for views, image_size in zip(pixel_values, image_sizes):
@@ -213,6 +265,16 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         """
         image_token_id = self.config.image_token_id
         vocab_size = self.config.text_config.vocab_size
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: every row needs a prompt (e.g. processor(text=[build_prompt("
+                             "question)], images=[image])); an empty text gives no tokens.")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+                or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(
+                f"input_ids must be an integer torch tensor [B, T] (torch.long), got "
+                f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')} of shape "
+                f"{tuple(getattr(input_ids, 'shape', ()))}; use the processor's output (or .long())."
+            )
         if input_ids.min() < 0 or input_ids.max() >= vocab_size:
             raise ValueError(f"input_ids must lie in [0, {vocab_size - 1}]; got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")

@@ -9,8 +9,10 @@ preservation, no crop), rescale by 1/255, normalise with mean = std = 0.5. With 
 geometry and the token counts of every mode live in `visual_tokens.py`.
 """
 
+import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 from .visual_tokens import LAVIDA_GEOMETRY, check_pinpoints, select_best_resolution
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _SUPPORTED_TYPES = (
     "a PIL.Image.Image, a numpy array (H, W, C) or (H, W), a torch tensor (C, H, W) or (H, W), or a path to an "
     "image file"
@@ -61,17 +63,51 @@ def anyres_views(
     return [image] + tiles
 
 
-# ---- input conversion --------------------------------------------------------------------------------------
-def _open_image_file(path: str | os.PathLike) -> PIL.Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: '{path}'. Pass an existing image file or an image object.")
+# ---- input conversion ----------------------------------------------------------------------------------------
+def _open_image_file(source) -> PIL.Image.Image:
+    """Decode a path, an open binary file or `bytes` fully, with Pillow's decompression-bomb limit as an error."""
+    name = f"'{source}'" if isinstance(source, (str, os.PathLike)) else "the image data"
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise FileNotFoundError(f"Image file not found: '{source}'. Pass an existing image file or an image object.")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
     try:
-        with PIL.Image.open(path) as opened:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            opened = PIL.Image.open(source)
             opened.load()
-            return PIL.ImageOps.exif_transpose(opened)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ValueError(f"{name} is too large to decode safely ({error}). If you trust the file, raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS before loading it, or downscale it first.") from None
     except (OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read '{path}' as an image ({error}). Pass a valid PNG/JPEG/... file.") from error
+        raise ValueError(f"Cannot read {name} as an image ({error}). Pass a valid PNG/JPEG/... file.") from None
+    return opened
+
+
+def normalize_image(image: PIL.Image.Image) -> PIL.Image.Image:
+    """One decoded PIL image as every entry point sees it: a single frame, turned upright by its EXIF tag.
+
+    Multi-frame images (animated GIF/PNG/WebP, multi-page TIFF) are refused rather than silently reduced to their
+    first frame; an MPO photo's first frame is its primary picture and is kept.
+    """
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+        raise ValueError(
+            f"The {image.format or 'PIL'} image has {image.n_frames} frames; pass one frame: "
+            "`image.seek(i); frame = image.convert('RGB')` (or save that frame as PNG)."
+        )
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def load_image(source) -> PIL.Image.Image:
+    """The one image loader of every entry point: an image file path, `bytes`, an open binary file or a PIL image
+    -> upright (EXIF) single-frame RGB PIL image (see `to_rgb_image` for the colour conversion)."""
+    if isinstance(source, (str, os.PathLike, bytes, bytearray)) or hasattr(source, "read"):
+        with _open_image_file(source) as opened:
+            return _pil_to_rgb(normalize_image(opened))
+    if not isinstance(source, PIL.Image.Image):
+        raise ValueError(f"Unsupported image source {type(source).__name__}: expected a file path, bytes, an open "
+                         "binary file or a PIL image.")
+    return _pil_to_rgb(normalize_image(source))
 
 
 def _array_to_uint8(array: np.ndarray, source: str) -> np.ndarray:
@@ -113,17 +149,20 @@ def _hwc_array_to_rgb(array: np.ndarray, source: str, layout_hint: str) -> PIL.I
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode -> RGB: transparency is composited on white; 16-bit grey (I;16*, and I, which Pillow uses
-    for 16-bit PNG/TIFF files) is scaled to 8 bits by 255/65535; F (float) must hold values in [0, 1]."""
+    """Any PIL mode -> RGB: transparency is composited on white; 16-bit grey (I;16*) is scaled to 8 bits by
+    255/65535; 32-bit integer grey (I) by its actual range: values in [0, 255] are 8-bit data and kept, values up
+    to 65535 are 16-bit data and scaled by 255/65535; F (float) must hold values in [0, 1]."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Empty image: size {image.size} (width, height) has a zero side.")
     if image.mode == "RGB":
         return image
-    if image.mode in _SIXTEEN_BIT_MODES:
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
         values = np.asarray(image).astype(np.int64)
         if values.min() < 0 or values.max() > 65535:
             raise ValueError(f"Mode '{image.mode}' image values must lie in [0, 65535], got "
-                             f"[{values.min()}, {values.max()}].")
+                             f"[{values.min()}, {values.max()}]; rescale them to 8 or 16 bits first.")
+        if image.mode == "I" and values.max() <= 255:
+            return PIL.Image.fromarray(values.astype(np.uint8)).convert("RGB")
         return PIL.Image.fromarray(np.round(values / 257.0).astype(np.uint8)).convert("RGB")
     if image.mode == "F":
         return _hwc_array_to_rgb(np.asarray(image), "mode 'F' PIL", "floats in [0, 1]")
@@ -138,11 +177,10 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def to_rgb_image(image) -> PIL.Image.Image:
-    """Convert one image (PIL, numpy HWC/HW, torch CHW/HW, or a file path) to an RGB PIL image."""
-    if isinstance(image, (str, os.PathLike)):
-        image = _open_image_file(image)
-    if isinstance(image, PIL.Image.Image):
-        return _pil_to_rgb(image)
+    """Convert one image (PIL, numpy HWC/HW, torch CHW/HW, a file path, bytes or an open binary file) to an RGB
+    PIL image; files and PIL images go through `load_image` (EXIF orientation, one frame)."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, PIL.Image.Image)) or hasattr(image, "read"):
+        return load_image(image)
     if isinstance(image, np.ndarray):
         return _hwc_array_to_rgb(image, "numpy", "channels last: (H, W, C) or (H, W)")
     if isinstance(image, torch.Tensor):
@@ -256,4 +294,4 @@ class ShirgImageProcessor(SiglipImageProcessorPil):
                             tensor_type=return_tensors)
 
 
-__all__ = ["ShirgImageProcessor", "anyres_views", "to_rgb_image"]
+__all__ = ["ShirgImageProcessor", "anyres_views", "load_image", "normalize_image", "to_rgb_image"]

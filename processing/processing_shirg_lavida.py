@@ -269,6 +269,10 @@ class ShirgLavidaProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
+        empty = [index for index, prompt in enumerate(texts) if not prompt.strip()]
+        if empty:
+            raise ValueError(f"text {empty} is empty: every row needs a prompt, e.g. build_prompt('What is in the "
+                             "image?').")
         return list(texts)
 
     def _check_images(self, images, texts: list[str]) -> list:

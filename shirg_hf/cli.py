@@ -13,8 +13,13 @@ COMMAND_MODULES = (
     "shirg_hf.export",
     "shirg_hf.evaluation",
     "shirg_hf.visualize",
+    "shirg_hf.synth",
     "shirg_hf.train",
 )
+# Arguments that name something a command writes; checked to be writable before the command runs.
+OUTPUT_ARGUMENTS = {"out": "--out", "dst": "DST"}
+# Bad input, reported as one line and exit code 2.
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .validation import check_output_location
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "passes_arguments", False):  # e.g. `train`: its own parser (HfArgumentParser) reads the rest
@@ -33,8 +40,11 @@ def main(argv=None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        for name, option in OUTPUT_ARGUMENTS.items():
+            if getattr(args, name, None) is not None:
+                check_output_location(getattr(args, name), option)
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except INPUT_ERRORS as error:
         print(f"shirg-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,7 @@ A data set is a `datasets.save_to_disk` folder (a `Dataset` or a `DatasetDict` o
 parquet file, with the columns `image` (an Image feature, or a file path relative to the data file), `question`
 (string), `answers` (the list of gold answer strings; training learns the first) and optionally `id`. A column
 `answer` (one string) is accepted as an alias of `answers` = [answer] when there is no `answers` column. Images
-are read by one loader for every entry point: the image processor's `to_rgb_image`.
+are read by one loader for every entry point: the image processor's `load_image` (EXIF orientation, one frame).
 """
 
 from __future__ import annotations
@@ -169,11 +169,22 @@ def image_path(value: str, data_path: Path) -> Path:
     return candidate if candidate.is_absolute() else data_path.parent / candidate
 
 
-def load_image(value, data_path: Path | None = None):
-    """An RGB PIL image from a decoded Image feature or a file path (relative to the data file's folder), through
-    the image processor's loader (the one every entry point uses)."""
-    from .processing.image_processing_shirg import to_rgb_image
+def image_sources(dataset, rows: list[int], data_path: Path) -> list:
+    """The undecoded image of each row (bytes or a path), for the shared loader `load_image`.
 
-    if isinstance(value, str) and data_path is not None:
-        value = image_path(value, data_path)
-    return to_rgb_image(value)
+    Image features are read with `decode=False`, so a broken image fails in its own row, not in `datasets`.
+    """
+    import datasets
+
+    column = dataset.select(rows).select_columns(["image"])
+    if isinstance(column.features["image"], datasets.Image):
+        column = column.cast_column("image", datasets.Image(decode=False))
+        return [value["bytes"] if value["bytes"] is not None else Path(value["path"]) for value in column["image"]]
+    return [image_path(value, data_path) for value in column["image"]]
+
+
+def absolute_image_paths(dataset, data_path: Path):
+    """`dataset` with relative image paths made absolute (read from the data file's folder), Image features as is."""
+    if getattr(dataset.features.get("image"), "dtype", None) not in STRING_DTYPES:
+        return dataset
+    return dataset.map(lambda value: {"image": str(image_path(value, data_path))}, input_columns=["image"])

@@ -15,10 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 from .export import save_model_folder
 from .fileio import atomic_folder
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
+from .modeling.visual_tokens import LAVIDA_GEOMETRY
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 from .processing.processing_shirg_lavida import ShirgLavidaProcessor, build_prompt
 from .tokenization import build_tiny_tokenizer
-from .visualize import load_rgb_image, render_selection, save_png_atomically
+from .processing.image_processing_shirg import load_image
+from .visualize import render_selection, save_png_atomically
 
 DEFAULT_QUESTION = "What is the total on the invoice?"
 
@@ -28,7 +30,7 @@ def demo_config(budget: int = 128) -> ShirgLavidaConfig:
     return ShirgLavidaConfig.tiny(highres_image_size=96, selection={"budget": budget, "coverage_cells": [8, 8]})
 
 
-def make_demo_image(size: int = 672) -> Image.Image:
+def make_demo_image(size: int = LAVIDA_GEOMETRY.highres_side) -> Image.Image:
     """A synthetic document: a title, lines of text, a small table and a bar chart on a white page."""
     page = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(page)
@@ -119,7 +121,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
-    image = load_rgb_image(args.image) if args.image else make_demo_image()
+    image = load_image(args.image) if args.image else make_demo_image()
     result = run_demo(image, args.question, args.budget, args.max_new_tokens,
                       Path(args.out) if args.out else None, args.overwrite)
     config = result["config"]

@@ -1,7 +1,7 @@
 """`shirg-hf eval`: answer a VQA set with a saved model and score it (ANLS, relaxed accuracy or VQA accuracy).
 
-The data set follows the schema of `shirg_hf.data` (image, question, answers, optional id; else the row index is
-the id), shared with `shirg-hf train`. Everything (columns, answers, ids, budget, generation settings) is
+The data set follows the schema of `shirg_hf.data`, shared with `shirg-hf train` (image, question, answers, and
+optionally id, else the row index is the id). Everything (columns, answers, ids, budget, generation settings) is
 checked before the model is loaded.
 
 `--out` receives `run_config.json` (what was evaluated and how), `predictions.jsonl` (one line per answered
@@ -9,6 +9,10 @@ question, appended and flushed after every batch, so an interruption loses at mo
 `metrics.json` (written atomically at the end, over every answered question). Running again with the same
 `--out` and the same settings resumes: questions already answered are skipped. Other settings are refused
 unless `--overwrite`, which starts over; earlier results are never replaced silently.
+
+Every image still to answer is read (with the loader of `generate`, EXIF orientation applied) before the model
+is loaded: an unreadable one stops the run with the list of bad rows, or, with `--on-bad-image skip`, is
+recorded in `predictions.jsonl` as failed (`"error"`: the reason; no score) and left out of the metric.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .data import (
     check_columns,
     check_images,
     image_files_fingerprint,
-    load_image,
+    image_sources,
     load_vqa_data,
     pick_split,
     question_ids,
@@ -31,11 +35,14 @@ from .data import (
 )
 from .fileio import atomic_folder, exclusive_lock, write_json_atomically
 from .metrics import METRICS, get_metric
+from .processing.image_processing_shirg import load_image
+from .validation import check_model_files
 
 RUN_CONFIG_NAME = "run_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 # ---- scores (the registry in `shirg_hf.metrics`; the aggregate comes from the evaluate metric itself) ----------
@@ -51,6 +58,27 @@ def compute_metrics(metric: str, records: list[dict]) -> dict:
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
+def find_bad_images(dataset, rows: list[int], data_path: Path) -> dict:
+    """{row: reason} for the rows whose image cannot be loaded (missing, truncated, not an image, too large)."""
+    bad = {}
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        for row, source in zip(chunk, image_sources(dataset, chunk, data_path)):
+            try:
+                load_image(source)
+            except (ValueError, FileNotFoundError) as error:
+                bad[row] = str(error)
+    return bad
+
+
+def bad_images_message(bad: dict, ids: list, data_path: Path) -> str:
+    """One line naming the rows with unreadable images and the two ways forward."""
+    examples = "; ".join(f"id {ids[row]!r}: {reason}" for row, reason in list(bad.items())[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    return (f"--data {data_path}: {len(bad)} image(s) cannot be read: {examples}{more}. Fix or remove those rows, "
+            "or pass --on-bad-image skip to record them as failed and evaluate the rest")
+
+
 def check_answers(dataset, metric: str, path: Path) -> None:
     """Dry-run the metric's own input checks on the gold answers (e.g. VQA accuracy needs >= 2 answers per question)."""
     references = dataset.select_columns(["answers"])["answers"]
@@ -71,6 +99,7 @@ def read_model_config(model_dir: Path):
         if not (model_dir / name).is_file():
             raise ValueError(f"--model {model_dir} has no {name}; pass a folder holding the model and its processor "
                              "(model.save_pretrained + processor.save_pretrained, or `shirg-hf export --merge`)")
+    check_model_files(model_dir)
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != ShirgLavidaConfig.model_type:
         raise ValueError(f"--model {model_dir} holds a {model_type!r} model; eval takes a "
@@ -192,8 +221,14 @@ def run_eval(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    on_bad_image: str = "error",
 ) -> dict:
-    """Answer (the first `limit` of) the questions not answered yet in `out_dir`, then write and return the metrics."""
+    """Answer (the first `limit` of) the questions not answered yet in `out_dir`, then write and return the metrics.
+
+    Images of the questions to answer are all read before the model is loaded. `on_bad_image="error"` stops with
+    a list of the unreadable ones; `"skip"` records each as a failed question (with the reason, no score) and
+    answers the rest.
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
@@ -209,6 +244,8 @@ def run_eval(
         raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"--on-bad-image {on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
     config = read_model_config(model_dir)
     check_budget(config, budget)
     overrides = {name: value for name, value in
@@ -237,6 +274,18 @@ def run_eval(
         answered = {record["id"] for record in read_predictions(predictions_path)}
         wanted = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
         pending = [row for row in wanted if ids[row] not in answered]
+        bad = find_bad_images(dataset, pending, data_path)
+        if bad and on_bad_image == "error":
+            raise ValueError(bad_images_message(bad, ids, data_path))
+        if bad:
+            with open(predictions_path, "a", encoding="utf-8") as stream:
+                for row, reason in bad.items():
+                    record = {"id": ids[row], "question": dataset[row]["question"], "prediction": None,
+                              "answers": dataset[row]["answers"], "score": None, "error": reason}
+                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            pending = [row for row in pending if row not in bad]
 
         if pending:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +300,7 @@ def run_eval(
                     rows = pending[start : start + batch_size]
                     batch = dataset.select(rows)
                     inputs = processor(
-                        images=[load_image(image, data_path) for image in batch["image"]],
+                        images=[load_image(source) for source in image_sources(dataset, rows, data_path)],
                         text=[build_prompt(question) for question in batch["question"]],
                         return_tensors="pt", **budget_kwargs,
                     ).to(device)
@@ -267,10 +316,13 @@ def run_eval(
                     bar.update(len(rows))
 
         records = read_predictions(predictions_path)
+        scored = [record for record in records if "error" not in record]
         result = {
-            **compute_metrics(metric, records),
+            **(compute_metrics(metric, scored) if scored else {get_metric(metric).key: None}),
             "metric": metric,
-            "num_answered": len(records),
+            "num_answered": len(scored),
+            "num_failed": len(records) - len(scored),
+            "failed_ids": [record["id"] for record in records if "error" in record],
             "num_questions": len(dataset),
             "complete": len(records) == len(dataset),
             "run_config": run_config,
@@ -302,6 +354,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: as saved)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="discard the results in --out and start over")
+    parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error",
+                        help="an unreadable image: stop before loading the model, listing them (error, default), or "
+                             "record the question as failed with the reason and go on (skip)")
     parser.set_defaults(func=run)
 
 
@@ -310,8 +365,11 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.metric, args.out, budget=args.budget, split=args.split,
         max_new_tokens=args.max_new_tokens, block_length=args.block_length, step_ratio=args.step_ratio,
         batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+        on_bad_image=args.on_bad_image,
     )
     name = get_metric(args.metric).key
-    print(f"{name}: {result[name]:.4f} over {result['num_answered']} of {result['num_questions']} questions "
+    value = "n/a" if result[name] is None else f"{result[name]:.4f}"
+    failed = f", {result['num_failed']} failed (unreadable images)" if result["num_failed"] else ""
+    print(f"{name}: {value} over {result['num_answered']} of {result['num_questions']} questions{failed} "
           f"({'complete' if result['complete'] else 'partial'}); results in {Path(args.out).resolve()}")
     return 0

@@ -29,6 +29,7 @@ from .hub import (
     is_hub_repo_id,
     read_adapter_config,
 )
+from .validation import check_hub_upload
 
 ADAPTER_SUBFOLDER = "adapter"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -319,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.push and args.repo_id is None:
         raise ValueError("--push needs --repo-id owner/name (the repo to upload to)")
+    if args.push:
+        check_hub_upload("--repo-id")
     out_dir = export_model(args.base, args.adapter, args.out, args.merge, args.overwrite, args.repo_id,
                            args.base_repo)
     print(f"exported ({'merged' if args.merge else 'base + adapter/'}): {out_dir.resolve()}")

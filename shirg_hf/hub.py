@@ -151,12 +151,15 @@ def push_adapter(
     """
     from huggingface_hub import HfApi
 
+    from .validation import check_hub_upload
+
     if not is_hub_repo_id(repo_id):
         raise ValueError(f"REPO_ID {repo_id!r} is not a Hub repo id; expected owner/name (e.g. org/shirg-lavida-lora)")
     adapter_dir = Path(adapter_dir)
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix="shirg-adapter-") as staging:
         resolved_base = stage_adapter(adapter_dir, Path(staging), base_repo)
+        check_hub_upload()
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)

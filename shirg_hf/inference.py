@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from .visualize import load_rgb_image
+from .validation import check_model_source
+from .processing.image_processing_shirg import load_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -52,7 +53,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
-    image = load_rgb_image(args.image)
+    check_model_source(args.model)
+    image = load_image(args.image)
     model, processor = load_model_and_processor(args.model, DTYPES[args.dtype])
     result = answer_question(model, processor, image, args.question, args.budget,
                              max_new_tokens=args.max_new_tokens, block_length=args.block_length or args.max_new_tokens,

@@ -24,7 +24,7 @@ from peft import PeftModel, get_peft_model
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import load_vqa_data, with_answers
+from .data import absolute_image_paths, load_vqa_data, with_answers
 from .fileio import write_json_atomically
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
@@ -60,8 +60,9 @@ class ScriptArguments:
     eval_size: int = field(default=32, metadata={"help": "Held-out (or synthetic) evaluation rows."})
     synthetic_rows: int = field(default=512, metadata={"help": "Rows of the synthetic training set."})
     budgets: str | None = field(default=None, metadata={
-        "help": "Comma-separated keep budgets drawn per batch ('shirg' mode): 'full' (all patches), integers K, or "
-                "fractions of the model's high-res patches in (0, 1]. Default full,1024,768,512, which fits the "
+        "help": "Comma-separated keep budgets drawn per batch (selecting vision modes): 'full' (all patches), integers "
+                "K, fractions of the model's high-res patches in (0, 1], or a non-selecting vision mode such as "
+                "'lowres' (that batch uses the native view). Default full,1024,768,512, which fits the "
                 "2,304-patch LaViDa model; the tiny model has 144 patches (e.g. full,64,48,32)."})
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (16 unless --adapter)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (32 unless --adapter)."})
@@ -146,6 +147,8 @@ def load_datasets(script_args: ScriptArguments, seed: int):
                                  "add an evaluation split or change --eval_size.")
             split = train.train_test_split(test_size=script_args.eval_size, seed=seed)
             train, evaluation = split["train"], split["test"]
+        if path.exists():  # image paths are relative to the data file, as `shirg-hf eval` reads them
+            train, evaluation = absolute_image_paths(train, path), absolute_image_paths(evaluation, path)
     train, evaluation = with_answers(train), with_answers(evaluation)
     check_dataset_columns(train, "the training set")
     check_dataset_columns(evaluation, "the evaluation set")

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .fileio import atomic_file
 from .modeling.selection_shirg import ShirgSelector
 from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, get_selection_method, selection_method_names
-from .processing.image_processing_shirg import ShirgImageProcessor, to_rgb_image
+from .processing.image_processing_shirg import ShirgImageProcessor, load_image
 from .validation import check_model_source
 
 # Viridis sampled at 0, 0.25, 0.5, 0.75, 1 (linear interpolation in between).
@@ -41,14 +41,6 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     fraction = (position - low)[..., None]
     colors = HEAT_ANCHORS[low] * (1 - fraction) + HEAT_ANCHORS[low + 1] * fraction
     return np.round(colors).astype(np.uint8)
-
-
-def load_rgb_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB with the image processor's conversion (alpha on white, 16-bit grey, EXIF).
-
-    Missing -> FileNotFoundError, unreadable -> ValueError.
-    """
-    return to_rgb_image(Path(path))
 
 
 def pixel_values_for(image: Image.Image, side: int) -> torch.Tensor:
@@ -205,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if args.model:
         check_model_source(args.model)
-    image = load_rgb_image(args.image)
+    image = load_image(args.image)
     if args.model:
         features, grid_size, selection_config = _features_from_model(args.model, image)
         note = f"model: {args.model}"
@@ -237,4 +229,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["heat_colors", "load_rgb_image", "render_selection", "save_png_atomically", "register", "run"]
+__all__ = ["heat_colors", "render_selection", "save_png_atomically", "register", "run"]
