@@ -274,7 +274,10 @@ def check_selection(selection: dict | None, grid: tuple[int, int] | None = None)
     unknown = sorted(set(settings) - set(DEFAULT_SELECTION))
     if unknown:
         raise ValueError(f"Invalid `selection`: unknown keys {unknown}; allowed keys are {sorted(DEFAULT_SELECTION)}")
-    get_selection_method(settings["method"])
+    try:
+        get_selection_method(settings["method"])
+    except ValueError as error:
+        raise ValueError(f"Invalid `selection.method`: {error}") from None
     weights = settings["weights"]
     if not isinstance(weights, (list, tuple)) or len(weights) != 3 or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights):

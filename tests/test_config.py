@@ -51,8 +51,8 @@ def test_round_trip_keeps_sub_config_types_and_derived_sizes(tmp_path):
     assert isinstance(restored.text_config, LladaConfig)
     assert restored.vision_config.num_hidden_layers == 26
     assert restored.num_highres_patches == config.num_highres_patches == 48 * 48
-    assert restored.num_selected_tokens() == config.num_selected_tokens() == 768 + 1
-    assert restored.pooled_grid == (14, 14)
+    assert restored.num_image_tokens() == config.num_image_tokens() == 768 + 1
+    assert restored.geometry == config.geometry and restored.geometry.pooled_side == 14
 
 
 def _raises_naming(field: str):
@@ -96,5 +96,5 @@ def test_invalid_values_raise_value_error_naming_the_field(build, field):
 
 def test_budget_bounds_are_inclusive():
     # 4x4 coverage cells <= K <= 12x12 patches: both ends are valid
-    assert ShirgLavidaConfig.tiny(selection={"budget": 16}).num_selected_tokens() == 17
-    assert ShirgLavidaConfig.tiny(selection={"budget": 144}).num_selected_tokens() == 144
+    assert ShirgLavidaConfig.tiny(selection={"budget": 16}).num_image_tokens() == 17
+    assert ShirgLavidaConfig.tiny(selection={"budget": 144}).num_image_tokens() == 144

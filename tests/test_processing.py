@@ -162,7 +162,7 @@ def test_shirg_count_rule_equals_the_config_for_every_method_and_budget(tokenize
             processor = ShirgLavidaProcessor.from_model_config(config, tokenizer)
             for budget in (0, 1, 15, 16, 17, 100, 143, 144, 145):
                 try:
-                    expected = config.num_selected_tokens(budget)
+                    expected = config.num_image_tokens(budget)
                 except ValueError:
                     with pytest.raises(ValueError, match="Invalid shirg_budget"):
                         processor.num_selected_tokens(budget)

@@ -11,8 +11,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from shirg_hf import SelectionOutput, ShirgLavidaConfig, ShirgSelector
 from shirg_hf.cli import main
-from shirg_hf.modeling import configuration_shirg_lavida, selection_shirg
-from shirg_hf.modeling.selection_shirg import METHODS, coverage_cell_ids, importance_scores, pooling_regions
+from shirg_hf.modeling import selection_shirg, visual_tokens
+from shirg_hf.modeling.selection_shirg import coverage_cell_ids, importance_scores, pooling_regions
+
+METHODS = visual_tokens.selection_method_names()
 
 GRID = (12, 12)
 N = GRID[0] * GRID[1]
@@ -76,7 +78,7 @@ def test_contract_of_every_method_matches_config_token_count(method):
     features = random_features(batch=3, hidden=config.vision_config.hidden_size)
     out = sel(features, grid_size=config.highres_grid)
     assert isinstance(out, SelectionOutput)
-    expected_tokens = config.num_selected_tokens()
+    expected_tokens = config.num_image_tokens()
     assert out.tokens.shape == (3, expected_tokens, features.shape[-1])
     assert sel.num_output_tokens(N) == expected_tokens
     kept = N if method == "full" else config.selection["budget"]
@@ -279,14 +281,14 @@ def test_baselines_without_coverage_allow_any_k_from_one(method):
         selector(method)(random_features(), grid_size=GRID, budget=0)
 
 
-def test_budget_range_matches_config_check_budget():
+def test_budget_range_matches_config_token_count():
     for method in METHODS:
         config = ShirgLavidaConfig.tiny(selection={"method": method})
         sel = ShirgSelector.from_config(config)
         for budget in (0, 1, 15, 16, 32, N, N + 1):
             config_ok = sel_ok = True
             try:
-                config.check_budget(budget)
+                config.num_image_tokens(budget)
             except ValueError:
                 config_ok = False
             try:
@@ -295,7 +297,7 @@ def test_budget_range_matches_config_check_budget():
                 sel_ok = False
             assert config_ok == sel_ok, (method, budget)
             if config_ok:
-                assert sel.num_output_tokens(N, budget) == config.num_selected_tokens(budget), (method, budget)
+                assert sel.num_output_tokens(N, budget) == config.num_image_tokens(budget), (method, budget)
 
 
 @pytest.mark.parametrize(
@@ -306,7 +308,7 @@ def test_budget_range_matches_config_check_budget():
         (lambda s: s(torch.randn(1, 143, 16)), "do not form a square grid"),
         (lambda s: s(torch.randint(0, 5, (1, N, 16)), grid_size=GRID), "floating-point"),
         (lambda s: s(torch.full((1, N, 16), float("nan")), grid_size=GRID), "NaN"),
-        (lambda s: s(torch.randn(1, 9, 4), grid_size=(3, 3), budget=9), "coverage_cells \\(4, 4\\) exceed"),
+        (lambda s: s(torch.randn(1, 9, 4), grid_size=(3, 3), budget=9), "coverage_cells`: \\[4, 4\\] exceed"),
         (lambda s: s(torch.randn(1, N, 16), grid_size=GRID, attentions=torch.rand(1, N, 5)), "attentions must be"),
     ],
 )
@@ -318,12 +320,12 @@ def test_bad_inputs_raise_clear_errors(call, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "topk"}, "method must be one of"),
-        ({"weights": (0.6, 0.3, 0.3)}, "summing to 1"),
+        ({"method": "topk"}, "`selection.method`: Unknown selection method .topk."),
+        ({"weights": (0.6, 0.3, 0.3)}, "must sum to 1"),
         ({"weights": (1.0, 0.0)}, "three non-negative"),
         ({"coverage_cells": (0, 4)}, "coverage_cells"),
-        ({"budget": True}, "budget must be an integer"),
-        ({"summary": "yes"}, "summary must be True or False"),
+        ({"budget": True}, "`selection.budget`: must be an integer"),
+        ({"summary": "yes"}, "`selection.summary`: must be true or false"),
     ],
 )
 def test_bad_constructor_arguments_raise(kwargs, message):
@@ -332,8 +334,7 @@ def test_bad_constructor_arguments_raise(kwargs, message):
 
 
 def test_from_config_duck_types_and_defaults_match_config():
-    assert METHODS == configuration_shirg_lavida.SELECTION_METHODS
-    defaults = configuration_shirg_lavida.DEFAULT_SELECTION
+    defaults = visual_tokens.DEFAULT_SELECTION
     plain = ShirgSelector()
     assert (plain.method, plain.budget, list(plain.coverage_cells), list(plain.weights), plain.summary, plain.seed) == (
         defaults["method"], defaults["budget"], defaults["coverage_cells"], defaults["weights"],
