@@ -9,13 +9,16 @@ import torch
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from shirg_hf import ShirgImageProcessor
-from shirg_hf.processing.image_processing_shirg import (
-    LAVIDA_GRID_PINPOINTS,
+from shirg_hf.modeling.visual_tokens import (
+    LAVIDA_GEOMETRY,
+    Geometry,
     anyres_grid_shape,
     lavida_hd_num_tokens,
     select_best_resolution,
     unpadded_grid_size,
 )
+
+LAVIDA_GRID_PINPOINTS = LAVIDA_GEOMETRY.pinpoints
 
 # preprocessor_config.json of google/siglip-so400m-patch14-384 (written out: no download). Without torchvision,
 # transformers' `SiglipImageProcessor` is this PIL class.
@@ -230,10 +233,10 @@ LAVIDA_TOKEN_TABLE = [
                          ids=[f"{w}x{h}" for (w, h), *_ in LAVIDA_TOKEN_TABLE])
 def test_lavida_token_count_table(image_size, pinpoint, grid, unpadded, tokens):
     assert select_best_resolution(image_size, LAVIDA_GRID_PINPOINTS) == pinpoint
-    assert anyres_grid_shape(image_size, LAVIDA_GRID_PINPOINTS, 384) == grid
+    assert anyres_grid_shape(image_size, LAVIDA_GEOMETRY) == grid
     nw, nh = grid
     assert unpadded_grid_size((nh * 14, nw * 14), image_size) == unpadded
-    assert lavida_hd_num_tokens(image_size, LAVIDA_GRID_PINPOINTS, 384, 14) == tokens
+    assert lavida_hd_num_tokens(image_size, LAVIDA_GEOMETRY) == tokens
 
 
 def lavida_select_best_resolution(image_size, pinpoints):
@@ -260,13 +263,13 @@ def test_select_best_resolution_matches_lavida_rule_on_many_sizes():
 
 def test_anyres_geometry_errors():
     with pytest.raises(ValueError, match="image_size must be"):
-        lavida_hd_num_tokens((0, 10))
+        lavida_hd_num_tokens((0, 10), LAVIDA_GEOMETRY)
     with pytest.raises(ValueError, match="multiple of the tile size 384"):
-        anyres_grid_shape((100, 100), [[384, 700]], 384)
+        Geometry(**{**LAVIDA_GEOMETRY.to_dict(), "pinpoints": [[384, 700]]})
     with pytest.raises(ValueError, match="non-empty list"):
-        anyres_grid_shape((100, 100), [], 384)
-    with pytest.raises(ValueError, match="pooled_side"):
-        lavida_hd_num_tokens((100, 100), pooled_side=0)
+        Geometry(**{**LAVIDA_GEOMETRY.to_dict(), "pinpoints": []})
+    with pytest.raises(ValueError, match="pool_mode"):
+        Geometry(**{**LAVIDA_GEOMETRY.to_dict(), "pool_mode": "median"})
 
 
 # ---- LaViDa anyres views -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from shirg_hf import (
     build_prompt,
     build_tiny_tokenizer,
 )
-from shirg_hf.processing.image_processing_shirg import lavida_hd_num_tokens
+from shirg_hf.modeling.visual_tokens import LAVIDA_GEOMETRY, lavida_hd_num_tokens, selection_method_names
 from shirg_hf.processing.processing_shirg_lavida import LLADA_CHAT_TEMPLATE
 
 IMAGE_ID = 504
@@ -155,8 +155,7 @@ def test_placeholder_expands_to_the_mode_token_count(tokenizer, overrides, expec
 
 
 def test_shirg_count_rule_equals_the_config_for_every_method_and_budget(tokenizer):
-    for method in ("shirg", "full", "random", "pooled", "magnitude", "importance", "gradient", "no_coverage",
-                   "no_summary"):
+    for method in selection_method_names():
         for summary in (True, False):
             config = ShirgLavidaConfig.tiny(selection={"method": method, "summary": summary})
             processor = ShirgLavidaProcessor.from_model_config(config, tokenizer)
@@ -164,10 +163,10 @@ def test_shirg_count_rule_equals_the_config_for_every_method_and_budget(tokenize
                 try:
                     expected = config.num_image_tokens(budget)
                 except ValueError:
-                    with pytest.raises(ValueError, match="Invalid shirg_budget"):
-                        processor.num_selected_tokens(budget)
+                    with pytest.raises(ValueError, match="Invalid `selection.budget`"):
+                        processor.num_image_tokens(budget=budget)
                     continue
-                assert processor.num_selected_tokens(budget) == expected, (method, summary, budget)
+                assert processor.num_image_tokens(budget=budget) == expected, (method, summary, budget)
 
 
 def test_per_call_budget_override(tokenizer):
@@ -175,9 +174,9 @@ def test_per_call_budget_override(tokenizer):
     prompt = build_prompt("What is it?")
     assert image_runs(processor(images=[image()], text=prompt, shirg_budget=20)["input_ids"][0]) == [21]
     assert image_runs(processor(images=[image()], text=prompt)["input_ids"][0]) == [33]  # config K unchanged
-    with pytest.raises(ValueError, match=r"Invalid shirg_budget 8: must be an integer in \[16, 144\]"):
+    with pytest.raises(ValueError, match=r"Invalid `selection.budget` \(K\) 8 .*: must be an integer in \[16, 144\]"):
         processor(images=[image()], text=prompt, shirg_budget=8)
-    with pytest.raises(ValueError, match="shirg_budget only applies to vision_mode='shirg'"):
+    with pytest.raises(ValueError, match="shirg_budget and selection_method only apply to selecting vision modes"):
         make_processor(tokenizer, vision_mode="full")(images=[image()], text=prompt, shirg_budget=20)
 
 
@@ -186,9 +185,8 @@ def test_lavida_hd_counts_views_and_image_sizes(tokenizer):
     processor = ShirgLavidaProcessor.from_model_config(config, tokenizer)
     images = [image(500, 700), image(100, 200, seed=1)]
     out = processor(images=images, text=[build_prompt("a"), build_prompt("b")])
-    pooled_side = config.pooled_grid[0]  # 4 for the 7x7 tiny tower
-    expected = [lavida_hd_num_tokens((700, 500), config.image_grid_pinpoints, 384, pooled_side),
-                lavida_hd_num_tokens((200, 100), config.image_grid_pinpoints, 384, pooled_side)]
+    assert config.geometry.pooled_side == 4  # the 7x7 tiny tower
+    expected = [lavida_hd_num_tokens((700, 500), config.geometry), lavida_hd_num_tokens((200, 100), config.geometry)]
     assert [image_runs(row) for row in out["input_ids"]] == [[expected[0]], [expected[1]]]
     assert out["image_sizes"].tolist() == [[700, 500], [200, 100]]
     side = config.vision_config.image_size
@@ -200,7 +198,7 @@ def test_lavida_hd_counts_views_and_image_sizes(tokenizer):
 
 def test_lavida_hd_counts_match_the_spec_with_real_sizes(tokenizer):
     config = ShirgLavidaConfig.tiny(vision_mode="lavida-hd")
-    processor = ShirgLavidaProcessor.from_model_config(config, tokenizer, pooled_side=14)
+    processor = ShirgLavidaProcessor.from_model_config(config, tokenizer, geometry=LAVIDA_GEOMETRY.to_dict())
     assert processor.num_image_tokens(image_size=(700, 500)) == 776
     assert processor.num_image_tokens(image_size=(500, 700)) == 784
     with pytest.raises(ValueError, match="needs the image size"):
@@ -315,16 +313,17 @@ def test_call_errors(tokenizer, call, message):
 
 
 def test_constructor_and_from_model_config_errors(tokenizer):
+    tiny_geometry = ShirgLavidaConfig.tiny().geometry.to_dict()
     with pytest.raises(ValueError, match="Unknown vision_mode 'hd'"):
         ShirgLavidaProcessor(tokenizer=tokenizer, vision_mode="hd")
-    with pytest.raises(ValueError, match="Unknown selection_method 'topk'"):
-        ShirgLavidaProcessor(tokenizer=tokenizer, selection_method="topk")
-    with pytest.raises(ValueError, match="Invalid shirg_budget 2304"):
-        ShirgLavidaProcessor(tokenizer=tokenizer, shirg_budget=2304, num_highres_patches=144)
-    with pytest.raises(ValueError, match="`pooled_side` must be a positive integer"):
-        ShirgLavidaProcessor(tokenizer=tokenizer, pooled_side=0)
+    with pytest.raises(ValueError, match="Unknown selection method 'topk'"):
+        ShirgLavidaProcessor(tokenizer=tokenizer, selection={"method": "topk"})
+    with pytest.raises(ValueError, match=r"Invalid `selection.budget` \(K\) 2304"):
+        ShirgLavidaProcessor(tokenizer=tokenizer, selection={"budget": 2304}, geometry=tiny_geometry)
+    with pytest.raises(ValueError, match="geometry `patch_size` must be a positive integer"):
+        ShirgLavidaProcessor(tokenizer=tokenizer, geometry={**tiny_geometry, "patch_size": 0})
     with pytest.raises(ValueError, match="multiple of the tile size 384"):
-        ShirgLavidaProcessor(tokenizer=tokenizer, image_grid_pinpoints=[[384, 500]])
+        ShirgLavidaProcessor(tokenizer=tokenizer, geometry={**tiny_geometry, "pinpoints": [[384, 500]]})
     with pytest.raises(ValueError, match="needs a tokenizer"):
         ShirgLavidaProcessor()
     with pytest.raises(ValueError, match="config.image_token_id is 505"):
@@ -366,7 +365,10 @@ def test_save_and_load_keep_every_setting_and_output(tokenizer, tmp_path):
     expected, actual = processor(**inputs), restored(**inputs)
     assert expected.keys() == actual.keys()
     for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
+        if isinstance(expected[key], torch.Tensor):
+            assert torch.equal(expected[key], actual[key]), key
+        else:  # vision_mode / selection_method / shirg_budget the prompt was expanded for
+            assert expected[key] == actual[key], key
 
 
 def test_save_into_a_folder_with_another_tokenizers_files_is_refused_or_cleaned(tokenizer, tmp_path):

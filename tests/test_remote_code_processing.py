@@ -35,7 +35,7 @@ work_dir, modes = sys.argv[1], sys.argv[2:]
 inputs = json.load(open(f"{work_dir}/inputs.json"))
 arrays = np.load(f"{work_dir}/images.npz")
 images = [PIL.Image.fromarray(arrays[name]) for name in sorted(arrays.files)]
-report, tensors = {}, {}
+report, tensors, settings = {}, {}, {}
 for mode in modes:
     saved = f"{work_dir}/{mode}"
     config = AutoConfig.from_pretrained(saved, trust_remote_code=True)
@@ -57,7 +57,11 @@ for mode in modes:
         outputs["processor_budget"] = processor(images=images, text=inputs["texts"], shirg_budget=inputs["budget"])
     for name, output in outputs.items():
         for key, value in output.items():
-            tensors[f"{mode}.{name}.{key}"] = value.contiguous()
+            if hasattr(value, "contiguous"):
+                tensors[f"{mode}.{name}.{key}"] = value.contiguous()
+            else:  # the settings the prompt was expanded for (vision_mode, selection_method, shirg_budget)
+                settings[f"{mode}.{name}.{key}"] = value
+report["settings"] = settings
 json.dump(report, open(f"{work_dir}/report.json", "w"))
 save_file(tensors, f"{work_dir}/outputs.safetensors")
 """
@@ -118,7 +122,7 @@ def test_remote_code_rebuilds_identical_objects(saved_folders, remote_results, m
 def test_remote_code_outputs_are_identical(saved_folders, remote_results, mode):
     _, objects, images, inputs = saved_folders
     processor = objects[mode][1]
-    tensors = remote_results[1]
+    tensors, settings = remote_results[1], remote_results[0]["settings"]
     expected = {
         "processor": processor(images=images, text=inputs["texts"]),
         "image_processor": processor.image_processor(images, return_tensors="pt"),
@@ -126,10 +130,14 @@ def test_remote_code_outputs_are_identical(saved_folders, remote_results, mode):
     if mode == "shirg":
         expected["processor_budget"] = processor(images=images, text=inputs["texts"], shirg_budget=inputs["budget"])
     keys = {f"{mode}.{name}.{key}" for name, output in expected.items() for key in output}
-    assert keys == {key for key in tensors if key.startswith(f"{mode}.")}
+    assert keys == {key for key in [*tensors, *settings] if key.startswith(f"{mode}.")}
     for name, output in expected.items():
         for key, value in output.items():
-            assert torch.equal(tensors[f"{mode}.{name}.{key}"], value), f"{mode}.{name}.{key}"
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(tensors[f"{mode}.{name}.{key}"], value), f"{mode}.{name}.{key}"
+            else:
+                assert settings[f"{mode}.{name}.{key}"] == value, f"{mode}.{name}.{key}"
+    assert settings[f"{mode}.processor.vision_mode"] == mode
 
 
 def test_installed_package_wins_over_saved_code(saved_folders):
@@ -150,7 +158,8 @@ def test_saved_folder_is_self_contained(saved_folders):
     for mode in MODES:
         names = set(os.listdir(work_dir / mode))
         assert {"config.json", "configuration_shirg_lavida.py", "configuration_llada.py", "processor_config.json",
-                "processing_shirg_lavida.py", "image_processing_shirg.py", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja"} <= names
+                "processing_shirg_lavida.py", "image_processing_shirg.py", "visual_tokens.py", "tokenizer.json",
+                "tokenizer_config.json", "chat_template.jinja"} <= names
+        assert not (work_dir / mode / "visual_tokens.py").is_symlink()  # the contract's content, not a link
         config = json.loads((work_dir / mode / "config.json").read_text())
         assert config["auto_map"] == {"AutoConfig": "configuration_shirg_lavida.ShirgLavidaConfig"}
