@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModel
 
 from isolation import BLOCK_SHIRG_HF
+from shirg_hf.export import save_model_folder
 from shirg_hf import (
     ShirgLavidaConfig,
     ShirgLavidaForDiffusionLM,
@@ -67,19 +68,26 @@ def test_visual_token_counts_per_mode():
         assert output.image_token_counts.tolist() == [expected]
 
 
-def test_shirg_budget_per_call_and_inferred_from_placeholders():
+def test_shirg_budget_travels_with_the_batch_and_is_checked_against_the_placeholders():
     model, processor = build("shirg")
     batch = inputs_for(processor, shirg_budget=20)
+    assert (batch["vision_mode"], batch["selection_method"], batch["shirg_budget"]) == ("shirg", "shirg", 20)
     assert int((batch["input_ids"][0] == model.config.image_token_id).sum()) == 21
-    explicit = model.generate(**batch, shirg_budget=20, **GENERATE)
-    inferred = model.generate(**batch, **GENERATE)
-    assert torch.equal(explicit, inferred)
+    carried = model.generate(**batch, **GENERATE)
+    explicit = model.generate(**{**batch, "shirg_budget": 20}, **GENERATE)
+    assert torch.equal(carried, explicit)
     output = model(**batch)
     assert output.kept_indices.shape == (2, 20)
-    with pytest.raises(ValueError, match="image placeholder tokens"):
-        model(**batch, shirg_budget=32)
-    with pytest.raises(ValueError, match="selection.budget|budget"):
-        model(**inputs_for(processor), shirg_budget=500)
+    with pytest.raises(ValueError, match="image placeholder tokens but vision_mode='shirg', selection_method='shirg', "
+                                         "shirg_budget=32 gives 33"):
+        model(**{**batch, "shirg_budget": 32})
+    with pytest.raises(ValueError, match="image placeholder tokens"):  # K is never inferred from the counts
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=r"`selection.budget` \(K\) 500"):
+        model(**{**inputs_for(processor), "shirg_budget": 500})
+    no_summary = inputs_for(processor, shirg_budget=20, selection_method="no_summary")
+    assert int((no_summary["input_ids"][0] == model.config.image_token_id).sum()) == 20
+    assert model(**no_summary).kept_indices.shape == (2, 20)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -204,11 +212,11 @@ def test_remote_code_generate_without_the_package(tmp_path):
     processor.save_pretrained(folder)
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted([
-        "README.md", "cache_llada.py", "chat_template.jinja", "config.json", "configuration_llada.py",
+        "cache_llada.py", "chat_template.jinja", "config.json", "configuration_llada.py",
         "configuration_shirg_lavida.py", "generation_config.json", "generation_diffusion.py",
         "image_processing_shirg.py", "model.safetensors", "modeling_llada.py", "modeling_shirg_lavida.py",
         "processing_shirg_lavida.py", "processor_config.json", "selection_shirg.py", "tokenizer.json",
-        "tokenizer_config.json",
+        "tokenizer_config.json", "visual_tokens.py",
     ])
     images = make_images(2)
     texts = [build_prompt(q) for q in QUESTIONS]
@@ -230,8 +238,7 @@ def test_remote_code_generate_without_the_package(tmp_path):
 def test_model_card_usage_runs_as_written_without_the_package(tmp_path):
     model, processor = build("shirg")
     folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_model_folder(model, processor, folder)  # save_pretrained of both + the card (the model class writes none)
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers")
     code = card.split("```python\n")[1].split("```")[0]
@@ -242,5 +249,3 @@ def test_model_card_usage_runs_as_written_without_the_package(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("[")  # the decoded answers
-    model.save_pretrained(folder)
-    assert (folder / "README.md").read_text() == card  # an existing card is never overwritten
