@@ -83,7 +83,7 @@ def test_collator_builds_complementary_copies_of_prompt_answer_and_eos_padding()
         alone = processor(images=[sample["image"]], text=[training.build_prompt(sample["question"])],
                           shirg_budget=budget)["input_ids"][0]
         prompt_length = len(alone)
-        answer = processor.tokenizer(sample["answer"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+        answer = processor.tokenizer(sample["answers"][0] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
         assert int(prefix_lengths[row]) == int(prefix_lengths[row + 3]) == prompt_length
         clean = torch.where(labels[row] != -100, labels[row], ids[row])  # [T]
         assert torch.equal(clean[:prompt_length], alone)  # the prompt is never masked
@@ -127,7 +127,7 @@ def test_collator_serves_the_other_vision_modes_without_budgets(vision_mode):
     if vision_mode == "lavida-hd":
         assert batch["image_sizes"].shape == (2, 2)
     assert torch.isfinite(model(**batch).loss)
-    with pytest.raises(ValueError, match="only apply to vision_mode='shirg'"):
+    with pytest.raises(ValueError, match="only apply to selecting vision modes"):
         ShirgDiffusionCollator(processor, MASK_ID)
 
 
@@ -203,10 +203,15 @@ def test_collator_row_content_does_not_depend_on_the_other_rows():
 def test_collator_rejects_rows_without_the_needed_columns_and_bad_settings():
     processor = tiny_processor()
     collator = ShirgDiffusionCollator(processor, MASK_ID, budgets=TINY_BUDGETS)
-    with pytest.raises(ValueError, match=r"lacks \['answer'\].*remove_unused_columns=False"):
+    with pytest.raises(ValueError, match=r"lacks \['answers'\].*remove_unused_columns=False"):
         collator([{"image": rows(1)[0]["image"], "question": "What is it?"}])
-    with pytest.raises(ValueError, match="'answer' must be a string"):
-        collator([{**rows(1)[0], "answer": 3}])
+    with pytest.raises(ValueError, match="'answers' must be a non-empty list of strings"):
+        collator([{**rows(1)[0], "answers": [3]}])
+    row = rows(1)[0]
+    alias = {**{key: value for key, value in row.items() if key != "answers"}, "answer": row["answers"][0]}
+    with_alias = ShirgDiffusionCollator(processor, MASK_ID, budgets=TINY_BUDGETS)([alias])  # the documented alias
+    with_answers = ShirgDiffusionCollator(processor, MASK_ID, budgets=TINY_BUDGETS)([row])
+    assert torch.equal(with_alias["labels"], with_answers["labels"])
     with pytest.raises(ValueError, match="mask_token_id"):
         ShirgDiffusionCollator(processor, 4096, budgets=TINY_BUDGETS)
     with pytest.raises(ValueError, match="answer_suffix"):
@@ -230,8 +235,9 @@ def test_budgets_resolve_against_the_model_and_never_get_substituted():
         resolve_budgets([1.5], processor)
     with pytest.raises(ValueError, match="cannot read budget 'half'"):
         resolve_budgets(["half"], processor)
-    with pytest.raises(ValueError, match="only apply to vision_mode='shirg'"):
+    with pytest.raises(ValueError, match="only apply to selecting vision modes"):
         resolve_budgets(["full"], tiny_processor(vision_mode="full"))
+    assert resolve_budgets(["lowres", 64], processor) == ("lowres", 64)  # the native view mixed into SHIRG batches
     real = ShirgLavidaProcessor.from_model_config(ShirgLavidaConfig.lavida_llada_8b(image_token_id=504),
                                                   build_tiny_tokenizer())
     assert resolve_budgets(training.DEFAULT_BUDGETS, real) == (2304, 1024, 768, 512)
@@ -264,13 +270,13 @@ def test_an_adapter_trained_for_another_base_is_refused(tmp_path):
 
 def test_synthetic_dataset_is_deterministic_and_checked_for_columns():
     first, again = synthetic_shapes_dataset(6, seed=5), synthetic_shapes_dataset(6, seed=5)
-    assert first.column_names == ["id", "image", "question", "answer"]
+    assert first.column_names == ["id", "image", "question", "answers"]
     for a, b in zip(first, again):
-        assert a["question"] == b["question"] and a["answer"] == b["answer"]
+        assert a["question"] == b["question"] and a["answers"] == b["answers"]
         assert a["image"].tobytes() == b["image"].tobytes()
     check_dataset_columns(first)
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['answer'\].*has \['id', 'image', 'question'\]"):
-        check_dataset_columns(first.remove_columns("answer"), "the training set")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['answers'\].*has \['id', 'image', 'question'\]"):
+        check_dataset_columns(first.remove_columns("answers"), "the training set")
 
 
 # ---- examples/train_lora.py end to end ------------------------------------------------------------------
@@ -357,7 +363,7 @@ def test_bad_inputs_fail_before_training_with_clear_errors(trained, tmp_path):
     no_answer = datasets.Dataset.from_dict({"image": [PIL.Image.new("RGB", (8, 8))] * 4, "question": ["q"] * 4,
                                             "text": ["a"] * 4})
     no_answer.save_to_disk(tmp_path / "no_answer")
-    with pytest.raises(ValueError, match=r"the training set lacks the column\(s\) \['answer'\]"):
+    with pytest.raises(ValueError, match=r"the training set lacks the column\(s\) \['answers'\]"):
         train_lora.main(script_args(base, tmp_path / "a", "--dataset", str(tmp_path / "no_answer"),
                                     "--eval_size", "2"))
 
