@@ -14,13 +14,11 @@ from transformers import AutoModel, AutoProcessor
 
 from shirg_hf import metrics
 
-METRICS = {"anls": "anls", "relaxed": "relaxed_accuracy", "vqa": "vqa_accuracy"}
-
 
 def evaluate_vqa(model, processor, rows, metric_name: str, budget: int | None = None, batch_size: int = 4,
                  **generate_kwargs) -> dict:
     """Answer every row and score the answers; returns the metric dict and the predictions."""
-    metric = metrics.load(METRICS[metric_name])
+    metric = metrics.load(metric_name)
     budget_kwargs = {"shirg_budget": budget} if budget is not None else {}
     predictions = []
     for start in range(0, len(rows), batch_size):
@@ -28,7 +26,7 @@ def evaluate_vqa(model, processor, rows, metric_name: str, budget: int | None = 
         inputs = processor(images=batch["image"], text=[processor.build_prompt(q) for q in batch["question"]],
                            return_tensors="pt", **budget_kwargs)
         with torch.inference_mode():
-            answer_ids = model.generate(**inputs, **budget_kwargs, **generate_kwargs)
+            answer_ids = model.generate(**inputs, **generate_kwargs)  # the inputs carry the budget K
         predictions += [answer.strip() for answer in processor.batch_decode(answer_ids)]
     scores = metric.compute(predictions=predictions, references=list(rows["answers"]))
     return {"scores": scores, "predictions": predictions}
@@ -38,7 +36,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
     parser.add_argument("--data", required=True, help="datasets folder with image, question, answers")
-    parser.add_argument("--metric", choices=sorted(METRICS), required=True)
+    parser.add_argument("--metric", choices=sorted(metrics.METRICS), required=True)
     parser.add_argument("--budget", type=int, help="SHIRG budget K (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)

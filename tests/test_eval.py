@@ -154,10 +154,17 @@ def save_rows(folder: Path, rows: dict, features=None) -> Path:
     return folder
 
 
+def test_eval_reads_the_documented_answer_alias(model_dir, tmp_path):
+    images = [make_image(0), make_image(1)]
+    alias = save_rows(tmp_path / "alias", {"image": images, "question": ["a", "b"], "answer": ["x", "y"]})
+    assert run_eval(model_dir, alias, tmp_path / "out", "--metric", "anls") == 0
+    assert [record["answers"] for record in read_lines(tmp_path / "out" / "predictions.jsonl")] == [["x"], ["y"]]
+
+
 def test_eval_refuses_bad_data_before_generating(model_dir, tmp_path, generated_rows, capsys):
     images = [make_image(0), make_image(1)]
     bad = {
-        "missing column": ({"image": images, "question": ["a", "b"], "answer": ["x", "y"]},
+        "missing column": ({"image": images, "question": ["a", "b"], "reply": ["x", "y"]},
                            "lacks the column(s) ['answers']"),
         "answers not a list": ({"image": images, "question": ["a", "b"], "answers": ["x", "y"]},
                                "column 'answers' must be a list of strings"),

@@ -46,7 +46,8 @@ def get_metric(name: str) -> Metric:
     for cli_name, metric in METRICS.items():
         if name in (cli_name, metric.key):
             return metric
-    raise ValueError(f"unknown metric {name!r}; expected one of {', '.join(METRICS)}")
+    raise ValueError(f"unknown metric {name!r}; expected one of {', '.join(m.key for m in METRICS.values())} "
+                     f"(or their --metric names {', '.join(METRICS)})")
 
 
 def metric_script(name: str) -> Path:
