@@ -125,7 +125,7 @@ def score_components(
     features: torch.Tensor,
     grid_size: tuple[int, int],
     attention: torch.Tensor | None = None,
-    names: tuple[str, ...] = ("importance", "magnitude", "gradient"),
+    names: tuple[str, ...] = SCORE_TERMS,
 ) -> dict[str, torch.Tensor]:
     """SHIRG scores of one image, each in [0, 1]: {name: [N]} for `names` among importance/magnitude/gradient.
 

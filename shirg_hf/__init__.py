@@ -12,6 +12,13 @@ from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.cache_llada import LladaPrefixCache
 from .modeling.generation_diffusion import DiffusionGenerationConfig, DiffusionGenerationOutput
 from .modeling.selection_shirg import SelectionOutput, ShirgSelector
+from .modeling.visual_tokens import (
+    Geometry,
+    register_selection_method,
+    register_vision_mode,
+    selection_method_names,
+    vision_mode_names,
+)
 from .modeling.modeling_llada import (
     LladaForMaskedDiffusion,
     LladaModel,
@@ -52,6 +59,11 @@ __all__ = [
     "ShirgLavidaOutput",
     "SelectionOutput",
     "ShirgSelector",
+    "Geometry",
+    "register_selection_method",
+    "register_vision_mode",
+    "selection_method_names",
+    "vision_mode_names",
     "ShirgImageProcessor",
     "ShirgLavidaProcessor",
     "LAVIDA_SYSTEM_PROMPT",
