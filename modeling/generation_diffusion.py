@@ -11,7 +11,7 @@ then runs only the answer tokens against that read-only cache (`use_prefix_cache
 `use_prefix_cache=False` every step re-runs the full `[prefix; answer]` sequence, so the prefix also attends
 to the answer (the original's `prefix_lm=False`, the path its benchmark script actually ran).
 
-Faithful to the original (`llava/model/language_model/llada/generate.py`, see REFERENCE.md section 6):
+Faithful to the original (LaViDa's `llava/model/language_model/llada/generate.py`):
 schedule rounding, float64 confidences, the step-count rules, which positions compete, `topk` order, and
 the unsuppressed argmax (the mask id, EOS and EOT may all win; a position whose argmax is the mask id stays
 masked and competes again at the next step). Deliberate differences are marked **FIX** below.

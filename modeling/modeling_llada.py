@@ -3,11 +3,11 @@
 Numerically faithful to the original LaViDa copy of LLaDA (pre-norm RMSNorm computed in float32, half-split RoPE
 in float32, SwiGLU MLP, no biases, untied LM head, no causal masking anywhere), with two deliberate fixes:
 
-* Padding is honoured (REFERENCE.md section 6 FIX / LAVIDA-SPEC 9.6): the original builds a padding bias but
+* Padding is honoured (FIX): the original builds a padding bias but
   never passes it to attention, so a padded row attends to its padding and a batch differs from its rows run
   alone. Here a 2-D `attention_mask` hides padded keys and positions skip padding, so every row of a left- or
   right-padded batch gives the same logits as that row alone. Unpadded inputs give the original's numbers.
-* The prefix pass does not compute LM-head logits (LAVIDA-SPEC 9.22): `encode_prefix` runs the backbone only.
+* The prefix pass does not compute LM-head logits: `encode_prefix` runs the backbone only.
 
 The prefix cache (`cache_llada.LladaPrefixCache`) is read-only: answer tokens at rotary positions P..P+L-1
 attend to the real prefix tokens and to each other, and any number of calls leave it unchanged.
@@ -73,7 +73,7 @@ def masked_diffusion_loss(
     `labels` `[B, T]` hold the clean token id at every MASKED target position and -100 everywhere else (LaViDa's
     convention). `logits` `[B, T, V]`. Cross-entropy is computed in float32 on the target positions only.
 
-    * `p_mask=None` (default, LaViDa, LAVIDA-SPEC 6.3): plain mean cross-entropy over all target positions of the
+    * `p_mask=None` (default, LaViDa's training loss): plain mean cross-entropy over all target positions of the
       batch, no 1/t weight.
     * `p_mask` `[B]` (each sequence's masking probability): LLaDA's unbiased estimator
       `sum_b sum_{masked i} CE[b, i] / (p[b] * N_b) / B`, where `N_b` is the number of answer positions of row b
@@ -462,7 +462,7 @@ class LladaModel(LladaPreTrainedModel):
     def _key_padding_mask(self, attention_mask, cache, batch_size, query_length) -> torch.Tensor | None:
         """2-D bool mask over all keys `[B, P + T]` (True = real), or None when there is no padding info.
 
-        FIX (REFERENCE.md 6, LAVIDA-SPEC 9.6): the original computes a padding bias but never passes it to
+        FIX: the original computes a padding bias but never passes it to
         attention, so padded keys are attended to and a padded row's logits depend on its batch-mates' lengths.
         Hiding padded keys makes every row of a padded batch equal that row alone; without padding nothing changes.
         """

@@ -30,7 +30,7 @@ from .modeling.configuration_llada import LladaConfig
 from .modeling.configuration_shirg_lavida import SO400M_TRUNCATED, ShirgLavidaConfig
 from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, lavida_checkpoint_mode, vision_mode_names
 
-# Language model: LLaDA (OLMo-style) names -> Llama-style names (LAVIDA-SPEC 2.3). Patterns are anchored on the
+# Language model: LLaDA (OLMo-style) names -> Llama-style names. Patterns are anchored on the
 # full key: `ff_out` is the MLP down projection inside `blocks.{i}` but the LM head at `model.transformer.ff_out`.
 LANGUAGE_MODEL_KEY_MAPPING = (
     (r"^model\.transformer\.wte\.weight$", r"model.embed_tokens.weight"),

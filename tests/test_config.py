@@ -98,3 +98,18 @@ def test_budget_bounds_are_inclusive():
     # 4x4 coverage cells <= K <= 12x12 patches: both ends are valid
     assert ShirgLavidaConfig.tiny(selection={"budget": 16}).num_image_tokens() == 17
     assert ShirgLavidaConfig.tiny(selection={"budget": 144}).num_image_tokens() == 144
+
+
+def test_configs_saved_with_the_removed_no_op_fields_still_load(tmp_path):
+    ShirgLavidaConfig.tiny().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "projector_hidden_act" not in saved and not {"hidden_act", "use_cache"} & set(saved["text_config"])
+    saved["projector_hidden_act"] = "gelu"
+    saved["text_config"].update(hidden_act="silu", use_cache=False)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    restored = ShirgLavidaConfig.from_pretrained(tmp_path)
+    assert not hasattr(restored, "projector_hidden_act") and not hasattr(restored.text_config, "use_cache")
+    saved["text_config"]["hidden_act"] = "gelu"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with _raises_naming("hidden_act"):
+        ShirgLavidaConfig.from_pretrained(tmp_path)
