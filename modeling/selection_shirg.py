@@ -265,6 +265,12 @@ def _top_k(scores: torch.Tensor, budget: int, cell_ids: torch.Tensor | None) -> 
     return torch.cat([order[first], rest]).sort().values
 
 
+def _prioritised(scores: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """[N] ranking where every `priority` patch [N] bool is above every other, each group in `scores` order."""
+    lift = scores.max() - scores.min() + 1.0
+    return scores + priority.to(scores.dtype) * lift
+
+
 def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """softmax(score)-weighted mean of the tokens not in `kept` -> [D] float32 (differentiable in features)."""
     logits = scores.clone()
@@ -414,6 +420,17 @@ class ShirgSelector(nn.Module):
                 )
         return grid_size
 
+    def _check_priority(self, priority, batch: int, num_patches: int) -> None:
+        if priority is None:
+            return
+        if not isinstance(priority, torch.Tensor) or priority.dtype != torch.bool or \
+                tuple(priority.shape) != (batch, num_patches):
+            raise ValueError(f"ShirgSelector: priority must be a bool tensor [batch, num_patches] = "
+                             f"[{batch}, {num_patches}], got {type(priority).__name__} "
+                             f"{tuple(getattr(priority, 'shape', ()))} {getattr(priority, 'dtype', '')}")
+        if self.method == "pooled":
+            raise ValueError("ShirgSelector: priority needs a method that ranks patches; 'pooled' does not")
+
     # ---- selection ---------------------------------------------------------------------------------------
     def score(
         self, features: torch.Tensor, grid_size: tuple[int, int], attention: torch.Tensor | None = None
@@ -432,8 +449,8 @@ class ShirgSelector(nn.Module):
         return (weight_a * components["importance"] + weight_m * components["magnitude"]
                 + weight_g * components["gradient"])
 
-    def _select_one(self, features, grid_size, budget, attention):
-        """One image: features [N, D] -> (tokens [T, D], kept indices [K], scores [N])."""
+    def _select_one(self, features, grid_size, budget, attention, priority=None):
+        """One image: features [N, D], optional priority [N] -> (tokens [T, D], kept indices [K], scores [N])."""
         num_patches = features.shape[0]
         scores = self.score(features, grid_size, attention)  # [N]
         if self.method == "full" or budget == num_patches:
@@ -446,7 +463,7 @@ class ShirgSelector(nn.Module):
         cells = None
         if self.method not in METHODS_WITHOUT_COVERAGE:
             cells = coverage_cell_ids(grid_size, self.coverage_cells).to(features.device)
-        kept = _top_k(scores, budget, cells)  # [K]
+        kept = _top_k(scores if priority is None else _prioritised(scores, priority), budget, cells)  # [K]
         tokens = features[kept]  # [K, D]
         if self._with_summary(budget, num_patches):
             summary = _summary(features, scores, kept).to(features.dtype)  # [D]
@@ -459,6 +476,7 @@ class ShirgSelector(nn.Module):
         grid_size: tuple[int, int] | None = None,
         budget: int | None = None,
         attentions: torch.Tensor | None = None,
+        priority: torch.Tensor | None = None,
     ) -> SelectionOutput:
         """Select K tokens per image.
 
@@ -468,15 +486,21 @@ class ShirgSelector(nn.Module):
             budget: K (default: the selector's `budget`).
             attentions: optional tower attention [B, N, N] or [B, heads, N, N] (rows = queries) used by the
                 importance score instead of the feature-similarity softmax.
+            priority: optional [B, N] bool; the marked patches of each image rank above all others (in score order),
+                so they are kept first (an oracle selection: e.g. the patches known to hold the answer). Scores and
+                the summary weights are unchanged. Not for `pooled`.
         """
         grid_size = self._check_inputs(features, grid_size, attentions)
         batch, num_patches, _ = features.shape
         budget = self.budget if budget is None else budget
         self.check_budget(budget, num_patches)
+        self._check_priority(priority, batch, num_patches)
         tokens, kept, scores = [], [], []
         for row in range(batch):
             attention = None if attentions is None else attentions[row]
-            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, attention)
+            row_priority = None if priority is None else priority[row].to(features.device)
+            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, attention,
+                                                                row_priority)
             tokens.append(row_tokens)
             kept.append(row_kept)
             scores.append(row_scores)
