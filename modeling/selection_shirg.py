@@ -38,7 +38,10 @@ Algorithm (`method="shirg"`), per image, in float32 whatever the input dtype:
      strokes) rather than a change of norm, which M already covers.
 
    A and G are min-max scaled. Min-max scaling would stretch a near-constant score's float32 rounding noise
-   to the full [0, 1]; ranges narrower than 1e-4 of the values' magnitude are therefore left near 0.
+   to the full [0, 1], differently on every CPU kernel. Each score's range is therefore divided by at least
+   `NOISE_MARGIN` (100) times an estimate of its float32 rounding error, propagated from the reduction lengths
+   (D, N) and, for A, the kernel sharpness tau (see `_noise_floors`): rounding noise stays below ~1% of the unit
+   range, while real contrast (text vs. page: several nats of A, tens of % of M) is scaled as before.
 
 2. **Coverage**: the H x W grid is split into `coverage_cells` (rows x cols, default 8 x 8 = 64 cells of 6 x 6
    patches; patch row r lies in cell row `floor(r * rows / H)`, likewise for columns, so every cell is non-empty
@@ -83,8 +86,9 @@ METHODS_WITHOUT_COVERAGE = ("random", "pooled", "magnitude", "importance", "grad
 KERNEL_SHARPNESS = 4.0
 # Magnitudes above this per-image quantile saturate at 1 (robust to a few high-norm artifact tokens).
 MAGNITUDE_CLIP_QUANTILE = 0.99
-# Relative width below which a score's range counts as rounding noise (see `_unit_range`).
-NOISE_FLOOR = 1e-4
+# A score's range must exceed this many times its estimated float32 rounding error to be stretched to [0, 1]
+# (see `_noise_floors`): rounding noise is scaled to at most ~1/NOISE_MARGIN of the unit range.
+NOISE_MARGIN = 100.0
 
 
 @dataclass
@@ -107,21 +111,60 @@ class SelectionOutput:
 
 
 # ---- scores ------------------------------------------------------------------------------------------------
-def _unit_range(values: torch.Tensor, clip_quantile: float | None = None) -> torch.Tensor:
-    """Min-max scale a [N] score to [0, 1].
+def _unit_range(values: torch.Tensor, floor: float, clip_quantile: float | None = None) -> torch.Tensor:
+    """Min-max scale a [N] score to [0, 1], dividing by at least `floor` (its rounding-noise width).
 
     With `clip_quantile`, the top of the range is that quantile (values above it clip to 1) unless it equals the
-    minimum, in which case the maximum is used. A range narrower than `NOISE_FLOOR` times the values' magnitude
-    is float32 rounding noise, not contrast: it is divided by that floor instead, so a (nearly) constant score
-    stays (nearly) 0 instead of being stretched to [0, 1].
+    minimum, in which case the maximum is used. A range narrower than `floor` is not contrast: it is divided by
+    the floor instead, so a (nearly) constant score stays (nearly) 0 instead of being stretched to [0, 1].
     """
     low = values.min()
     high = values.max()
     if clip_quantile is not None:
         quantile = torch.quantile(values, clip_quantile)
         high = torch.where(quantile > low, quantile, high)
-    floor = NOISE_FLOOR * torch.maximum(low.abs(), high.abs()).clamp_min(1.0)
-    return ((values - low) / torch.maximum(high - low, floor)).clamp(0.0, 1.0)
+    return ((values - low) / (high - low).clamp_min(floor)).clamp(0.0, 1.0)
+
+
+def _rounding(length: int) -> float:
+    """Relative float32 rounding error of a `length`-term sum: sqrt(n) eps, its typical size in any order.
+
+    The worst case, n eps, is reached only by adversarial inputs; times `NOISE_MARGIN` = 100 the typical size
+    also bounds it for every n <= 10,000 (D = 1,152, N = 2,304 in SHIRG), whatever the kernel or thread count.
+    """
+    return math.sqrt(length) * torch.finfo(torch.float32).eps
+
+
+def _noise_floors(num_tokens: int, dim: int, tau: float, max_magnitude: float) -> dict[str, float]:
+    """`NOISE_MARGIN` times the float32 rounding error of each raw score, from how it is computed.
+
+    - unit vectors: norm of D squares (rounding(D) / 2) and a division, so each is off by ~(rounding(D) / 2 +
+      2 eps) in relative terms; a cosine (a D-term dot product of two of them) by (2 rounding(D) + 4 eps).
+    - A: the logits tau (cos - 1) carry tau times the cosine error; log Z_j and log sum_i K_ij / Z_i together
+      carry three times that, plus two N-term sums.
+    - M: a norm of D squares, relative to the largest magnitude.
+    - G: the distance of two unit vectors (each off as above, difference norm <= 2): ~(3 rounding(D) + 4 eps).
+    """
+    eps = torch.finfo(torch.float32).eps
+    cosine = 2 * _rounding(dim) + 4 * eps
+    errors = {
+        "importance": 3 * tau * (cosine + eps) + 2 * _rounding(num_tokens) + 4 * eps,
+        "magnitude": (_rounding(dim) / 2 + 2 * eps) * max_magnitude,
+        "gradient": 3 * _rounding(dim) + 4 * eps,
+    }
+    return {name: NOISE_MARGIN * error for name, error in errors.items()}
+
+
+def _kernel_sharpness(unit: torch.Tensor) -> float:
+    """tau = KERNEL_SHARPNESS / (1 - mean off-diagonal cosine) of unit-norm features [N, D]."""
+    # Reductions are written so that each output element is summed by one thread in a fixed order (row or
+    # column reductions, never a multi-threaded reduction to a scalar or a BLAS matrix-vector product): the
+    # result is then bit-identical for any thread count.
+    num_tokens = unit.shape[0]
+    total = unit.sum(dim=0)  # [D]
+    self_similarity = (unit * unit).sum(dim=1).sum()  # N, or fewer for all-zero features
+    mean_cosine = ((total * total).sum() - self_similarity) / max(num_tokens * (num_tokens - 1), 1)
+    return float(KERNEL_SHARPNESS / (1.0 - mean_cosine).clamp_min(1e-3))
 
 
 def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,14 +173,7 @@ def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) 
     `received` [N]: attention each token receives from the tower (column sums of its row-stochastic attention);
     by default it is that of the similarity softmax.
     """
-    # Reductions are written so that each output element is summed by one thread in a fixed order (row or
-    # column reductions, never a multi-threaded reduction to a scalar or a BLAS matrix-vector product): the
-    # result is then bit-identical for any thread count.
-    num_tokens = unit.shape[0]
-    total = unit.sum(dim=0)  # [D]
-    self_similarity = (unit * unit).sum(dim=1).sum()  # N, or fewer for all-zero features
-    mean_cosine = ((total * total).sum() - self_similarity) / max(num_tokens * (num_tokens - 1), 1)
-    tau = float(KERNEL_SHARPNESS / (1.0 - mean_cosine).clamp_min(1e-3))
+    tau = _kernel_sharpness(unit)
     logits = torch.addmm(unit.new_tensor(-tau), unit, unit.T, alpha=tau)  # [N, N] tau (cos - 1)
     # exp(-60) ~ 1e-26 is nothing next to the diagonal's 1, and keeps every entry a normal float: subnormal
     # values (exp below -87) make exp and the sums below several times slower on x86 CPUs.
@@ -189,17 +225,21 @@ def score_components(
     with torch.no_grad():
         raw = features.detach().to(torch.float32)  # [N, D]
         unit = nn.functional.normalize(raw, dim=-1)  # [N, D]
+        num_tokens, dim = unit.shape
+        magnitude = magnitude_scores(raw) if "magnitude" in names else None
+        floors = _noise_floors(num_tokens, dim, _kernel_sharpness(unit) if "importance" in names else 0.0,
+                               float(magnitude.max()) if magnitude is not None else 0.0)
         components = {}
         if "importance" in names:
             received = None
             if attention is not None:  # column sums accumulated in float32 without a float32 copy of the maps
                 received = attention.detach().sum(dim=-2, dtype=torch.float32)  # [N] or [heads, N]
                 received = received.mean(dim=0) if received.dim() == 2 else received
-            components["importance"] = _unit_range(importance_scores(unit, received))
-        if "magnitude" in names:
-            components["magnitude"] = _unit_range(magnitude_scores(raw), MAGNITUDE_CLIP_QUANTILE)
+            components["importance"] = _unit_range(importance_scores(unit, received), floors["importance"])
+        if magnitude is not None:
+            components["magnitude"] = _unit_range(magnitude, floors["magnitude"], MAGNITUDE_CLIP_QUANTILE)
         if "gradient" in names:
-            components["gradient"] = _unit_range(gradient_scores(unit, grid_size))
+            components["gradient"] = _unit_range(gradient_scores(unit, grid_size), floors["gradient"])
         return components
 
 
