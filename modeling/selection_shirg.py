@@ -29,8 +29,9 @@ from .visual_tokens import (
 KERNEL_SHARPNESS = 4.0
 # Magnitudes above this per-image quantile saturate at 1 (robust to a few high-norm artifact tokens).
 MAGNITUDE_CLIP_QUANTILE = 0.99
-# Relative width below which a score's range counts as rounding noise (see `_unit_range`).
-NOISE_FLOOR = 1e-4
+# A score's range must exceed this many times its estimated float32 rounding error to be stretched to [0, 1]
+# (see `_noise_floors`): rounding noise is scaled to at most ~1/NOISE_MARGIN of the unit range.
+NOISE_MARGIN = 100.0
 
 
 @dataclass
@@ -53,21 +54,60 @@ class SelectionOutput:
 
 
 # ---- scores ------------------------------------------------------------------------------------------------
-def _unit_range(values: torch.Tensor, clip_quantile: float | None = None) -> torch.Tensor:
-    """Min-max scale a [N] score to [0, 1].
+def _unit_range(values: torch.Tensor, floor: float, clip_quantile: float | None = None) -> torch.Tensor:
+    """Min-max scale a [N] score to [0, 1], dividing by at least `floor` (its rounding-noise width).
 
     With `clip_quantile`, the top of the range is that quantile (values above it clip to 1) unless it equals the
-    minimum, in which case the maximum is used. A range narrower than `NOISE_FLOOR` times the values' magnitude
-    is float32 rounding noise, not contrast: it is divided by that floor instead, so a (nearly) constant score
-    stays (nearly) 0 instead of being stretched to [0, 1].
+    minimum, in which case the maximum is used. A range narrower than `floor` is not contrast: it is divided by
+    the floor instead, so a (nearly) constant score stays (nearly) 0 instead of being stretched to [0, 1].
     """
     low = values.min()
     high = values.max()
     if clip_quantile is not None:
         quantile = torch.quantile(values, clip_quantile)
         high = torch.where(quantile > low, quantile, high)
-    floor = NOISE_FLOOR * torch.maximum(low.abs(), high.abs()).clamp_min(1.0)
-    return ((values - low) / torch.maximum(high - low, floor)).clamp(0.0, 1.0)
+    return ((values - low) / (high - low).clamp_min(floor)).clamp(0.0, 1.0)
+
+
+def _rounding(length: int) -> float:
+    """Relative float32 rounding error of a `length`-term sum: sqrt(n) eps, its typical size in any order.
+
+    The worst case, n eps, is reached only by adversarial inputs; times `NOISE_MARGIN` = 100 the typical size
+    also bounds it for every n <= 10,000 (D = 1,152, N = 2,304 in SHIRG), whatever the kernel or thread count.
+    """
+    return math.sqrt(length) * torch.finfo(torch.float32).eps
+
+
+def _noise_floors(num_tokens: int, dim: int, tau: float, max_magnitude: float) -> dict[str, float]:
+    """`NOISE_MARGIN` times the float32 rounding error of each raw score, from how it is computed.
+
+    - unit vectors: norm of D squares (rounding(D) / 2) and a division, so each is off by ~(rounding(D) / 2 +
+      2 eps) in relative terms; a cosine (a D-term dot product of two of them) by (2 rounding(D) + 4 eps).
+    - A: the logits tau (cos - 1) carry tau times the cosine error; log Z_j and log sum_i K_ij / Z_i together
+      carry three times that, plus two N-term sums.
+    - M: a norm of D squares, relative to the largest magnitude.
+    - G: the distance of two unit vectors (each off as above, difference norm <= 2): ~(3 rounding(D) + 4 eps).
+    """
+    eps = torch.finfo(torch.float32).eps
+    cosine = 2 * _rounding(dim) + 4 * eps
+    errors = {
+        "importance": 3 * tau * (cosine + eps) + 2 * _rounding(num_tokens) + 4 * eps,
+        "magnitude": (_rounding(dim) / 2 + 2 * eps) * max_magnitude,
+        "gradient": 3 * _rounding(dim) + 4 * eps,
+    }
+    return {name: NOISE_MARGIN * error for name, error in errors.items()}
+
+
+def _kernel_sharpness(unit: torch.Tensor) -> float:
+    """tau = KERNEL_SHARPNESS / (1 - mean off-diagonal cosine) of unit-norm features [N, D]."""
+    # Reductions are written so that each output element is summed by one thread in a fixed order (row or
+    # column reductions, never a multi-threaded reduction to a scalar or a BLAS matrix-vector product): the
+    # result is then bit-identical for any thread count.
+    num_tokens = unit.shape[0]
+    total = unit.sum(dim=0)  # [D]
+    self_similarity = (unit * unit).sum(dim=1).sum()  # N, or fewer for all-zero features
+    mean_cosine = ((total * total).sum() - self_similarity) / max(num_tokens * (num_tokens - 1), 1)
+    return float(KERNEL_SHARPNESS / (1.0 - mean_cosine).clamp_min(1e-3))
 
 
 def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,14 +116,7 @@ def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) 
     `received` [N]: attention each token receives from the tower (column sums of its row-stochastic attention);
     by default it is that of the similarity softmax.
     """
-    # Reductions are written so that each output element is summed by one thread in a fixed order (row or
-    # column reductions, never a multi-threaded reduction to a scalar or a BLAS matrix-vector product): the
-    # result is then bit-identical for any thread count.
-    num_tokens = unit.shape[0]
-    total = unit.sum(dim=0)  # [D]
-    self_similarity = (unit * unit).sum(dim=1).sum()  # N, or fewer for all-zero features
-    mean_cosine = ((total * total).sum() - self_similarity) / max(num_tokens * (num_tokens - 1), 1)
-    tau = float(KERNEL_SHARPNESS / (1.0 - mean_cosine).clamp_min(1e-3))
+    tau = _kernel_sharpness(unit)
     logits = torch.addmm(unit.new_tensor(-tau), unit, unit.T, alpha=tau)  # [N, N] tau (cos - 1)
     # exp(-60) ~ 1e-26 is nothing next to the diagonal's 1, and keeps every entry a normal float: subnormal
     # values (exp below -87) make exp and the sums below several times slower on x86 CPUs.
@@ -135,17 +168,21 @@ def score_components(
     with torch.no_grad():
         raw = features.detach().to(torch.float32)  # [N, D]
         unit = nn.functional.normalize(raw, dim=-1)  # [N, D]
+        num_tokens, dim = unit.shape
+        magnitude = magnitude_scores(raw) if "magnitude" in names else None
+        floors = _noise_floors(num_tokens, dim, _kernel_sharpness(unit) if "importance" in names else 0.0,
+                               float(magnitude.max()) if magnitude is not None else 0.0)
         components = {}
         if "importance" in names:
             received = None
             if attention is not None:  # column sums accumulated in float32 without a float32 copy of the maps
                 received = attention.detach().sum(dim=-2, dtype=torch.float32)  # [N] or [heads, N]
                 received = received.mean(dim=0) if received.dim() == 2 else received
-            components["importance"] = _unit_range(importance_scores(unit, received))
-        if "magnitude" in names:
-            components["magnitude"] = _unit_range(magnitude_scores(raw), MAGNITUDE_CLIP_QUANTILE)
+            components["importance"] = _unit_range(importance_scores(unit, received), floors["importance"])
+        if magnitude is not None:
+            components["magnitude"] = _unit_range(magnitude, floors["magnitude"], MAGNITUDE_CLIP_QUANTILE)
         if "gradient" in names:
-            components["gradient"] = _unit_range(gradient_scores(unit, grid_size))
+            components["gradient"] = _unit_range(gradient_scores(unit, grid_size), floors["gradient"])
         return components
 
 
@@ -209,6 +246,12 @@ def _top_k(scores: torch.Tensor, budget: int, cell_ids: torch.Tensor | None) -> 
     is_cell_best[first] = True
     rest = order[~is_cell_best][: budget - num_cells]
     return torch.cat([order[first], rest]).sort().values
+
+
+def _prioritised(scores: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """[N] ranking where every `priority` patch [N] bool is above every other, each group in `scores` order."""
+    lift = scores.max() - scores.min() + 1.0
+    return scores + priority.to(scores.dtype) * lift
 
 
 def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -362,6 +405,17 @@ class ShirgSelector(nn.Module):
             )
         return grid_size
 
+    def _check_priority(self, priority, batch: int, num_patches: int, method: str) -> None:
+        if priority is None:
+            return
+        if not isinstance(priority, torch.Tensor) or priority.dtype != torch.bool or \
+                tuple(priority.shape) != (batch, num_patches):
+            raise ValueError(f"ShirgSelector: priority must be a bool tensor [batch, num_patches] = "
+                             f"[{batch}, {num_patches}], got {type(priority).__name__} "
+                             f"{tuple(getattr(priority, 'shape', ()))} {getattr(priority, 'dtype', '')}")
+        if get_selection_method(method).builder is not None:
+            raise ValueError(f"ShirgSelector: priority needs a method that ranks patches; {method!r} does not")
+
     # ---- selection ---------------------------------------------------------------------------------------
     def score(self, features: torch.Tensor, grid_size: tuple[int, int], attention: torch.Tensor | None = None,
               method: str | None = None, **inputs) -> torch.Tensor:
@@ -376,8 +430,8 @@ class ShirgSelector(nn.Module):
             scores = spec.scorer(features, grid_size, self.settings, **inputs)
         return scores.detach().to(torch.float32)
 
-    def _select_one(self, features, grid_size, budget, method, inputs):
-        """One image: features [N, D] -> (tokens [T, D], kept indices [K], scores [N])."""
+    def _select_one(self, features, grid_size, budget, method, inputs, priority=None):
+        """One image: features [N, D], optional priority [N] -> (tokens [T, D], kept indices [K], scores [N])."""
         spec = get_selection_method(method)
         num_patches = features.shape[0]
         scores = self.score(features, grid_size, method=method, **inputs)  # [N]
@@ -388,7 +442,7 @@ class ShirgSelector(nn.Module):
         else:
             cells = coverage_cell_ids(grid_size, self.coverage_cells).to(features.device) if spec.uses_coverage \
                 else None
-            kept = _top_k(scores, budget, cells)  # [K]
+            kept = _top_k(scores if priority is None else _prioritised(scores, priority), budget, cells)  # [K]
             tokens, summary = features[kept], None
         if has_summary(self.settings, budget, num_patches, method):
             summary = _summary(features, scores, kept) if summary is None else summary  # [D] float32
@@ -403,6 +457,7 @@ class ShirgSelector(nn.Module):
         attentions: torch.Tensor | None = None,
         method: str | None = None,
         inputs: dict | None = None,
+        priority: torch.Tensor | None = None,
     ) -> SelectionOutput:
         """Select K tokens per image.
 
@@ -412,18 +467,24 @@ class ShirgSelector(nn.Module):
             budget: K (default: the selector's `budget`); method: a registered method (default: the selector's).
             attentions: optional tower attention [B, N, N] or [B, heads, N, N] (rows = queries) for the importance
                 score instead of the feature-similarity softmax (the `attention` selection input).
-            inputs: per-image selection inputs {name: [B, ...]} a method `requires` (e.g. an oracle's priority).
+            inputs: per-image selection inputs {name: [B, ...]} a registered method `requires`.
+            priority: optional [B, N] bool; the marked patches of each image rank above all others (in score order),
+                so they are kept first (an oracle selection: e.g. the patches known to hold the answer). Scores and
+                the summary weights are unchanged. Not for methods with their own token builder (`pooled`).
         """
         method = method or self.method
         inputs = {**(inputs or {}), **({"attention": attentions} if attentions is not None else {})}
         grid_size = self._check_inputs(features, grid_size, method, inputs)
         batch, num_patches, _ = features.shape
+        self._check_priority(priority, batch, num_patches, method)
         budget = self.budget if budget is None else budget
         check_budget(budget, self.settings, num_patches, method)
         tokens, kept, scores = [], [], []
         for row in range(batch):
             row_inputs = {name: value[row] for name, value in inputs.items() if value is not None}
-            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, method, row_inputs)
+            row_priority = None if priority is None else priority[row].to(features.device)
+            row_tokens, row_kept, row_scores = self._select_one(features[row], grid_size, budget, method, row_inputs,
+                                                                row_priority)
             tokens.append(row_tokens)
             kept.append(row_kept)
             scores.append(row_scores)

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "shirg_hf.evaluation",
     "shirg_hf.visualize",
     "shirg_hf.synth",
+    "shirg_hf.compare",
     "shirg_hf.train",
 )
 # Arguments that name something a command writes; checked to be writable before the command runs.

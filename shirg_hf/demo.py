@@ -115,15 +115,25 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length L (default 16)")
     parser.add_argument("--out", help="also save the model + processor + heat-map here as a save_pretrained folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: the tiny model's kernels gain nothing from more, "
+                             "and threads competing with other processes for cores run 10-100x slower)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     image = load_image(args.image) if args.image else make_demo_image()
-    result = run_demo(image, args.question, args.budget, args.max_new_tokens,
-                      Path(args.out) if args.out else None, args.overwrite)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = run_demo(image, args.question, args.budget, args.max_new_tokens,
+                          Path(args.out) if args.out else None, args.overwrite)
+    finally:
+        torch.set_num_threads(previous_threads)
     config = result["config"]
     print("shirg-hf demo: a TINY model with RANDOM weights, built locally - the answer is noise by design.")
     print(f"  config: vision_mode={config.vision_mode}, high-res {config.highres_image_size} px -> "
@@ -131,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  question: {args.question}")
     print(f"  visual tokens in the prompt: {result['visual_tokens']} (K + 1 summary); prefix length "
           f"{result['prefix_length']} tokens; prefix KV cache {result['kv_cache_bytes'] / 1024:.1f} KiB")
-    print(f"  timings: vision tower {result['vision_seconds'] * 1e3:.1f} ms, selection "
+    print(f"  timings ({args.threads} CPU thread{'s' if args.threads > 1 else ''}): vision tower "
+          f"{result['vision_seconds'] * 1e3:.1f} ms, selection "
           f"{result['selection_seconds'] * 1e3:.1f} ms, generate {result['generate_seconds'] * 1e3:.1f} ms")
     print(f"  answer ids: {result['answer_ids']}")
     print(f"  answer: {result['answer']!r}")

@@ -163,7 +163,7 @@ CONFIG_PRESETS = ("evidence", "tiny", "lavida")
 
 
 def resolve_geometry(model=None, config=None, high_res_side=None, native_side=None) -> Geometry:
-    """The geometry from exactly one source: a model folder, a preset name, or both explicit sides (default: evidence)."""
+    """The geometry from one source: a model folder, a preset name or both sides (default: evidence)."""
     explicit = (high_res_side, native_side) != (None, None)
     sources = [name for name, given in (("--model", model is not None), ("--config", config is not None),
                                         ("--high-res-side/--native-side", explicit)) if given]
@@ -551,7 +551,8 @@ def draw_chart(rng: np.random.Generator, geometry: Geometry, glyph_scale: float)
 
     # title (large decoy glyphs), grid lines and thin lines behind the bars, a noise-block "logo" in a free spot
     title_glyph = text_size(1, title_unit)[0]
-    title_length = min(canvas.integer(3, 5), max(1, (side + canvas.px(2)) // (title_glyph + max(1, _round(title_unit)))))
+    title_step = title_glyph + max(1, _round(title_unit))
+    title_length = min(canvas.integer(3, 5), max(1, (side + canvas.px(2)) // title_step))
     title = "".join(canvas.choice(ANSWER_ALPHABET, size=title_length))
     title_width = text_size(len(title), title_unit)[0]
     title_x = canvas.integer(0, max(0, side - title_width))
@@ -789,7 +790,8 @@ def register(subparsers) -> None:
     parser.add_argument("--n", required=True, type=int, help="number of rows (one image and question each)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--families", default=",".join(FAMILIES),
-                        help=f"comma-separated families, row i gets family i mod their count (default {','.join(FAMILIES)})")
+                        help="comma-separated families; row i gets family i mod their count "
+                             f"(default {','.join(FAMILIES)})")
     parser.add_argument("--model", metavar="DIR", help="take the two sides from a saved model's config")
     parser.add_argument("--config", choices=CONFIG_PRESETS,
                         help="take the two sides from a preset: evidence 128/72 (the default), tiny 48/28, "

@@ -18,6 +18,8 @@ from shirg_hf.conversion import (
     rename_lavida_state_dict,
 )
 
+from conftest import GOLDEN_LOGITS_TOLERANCE
+
 # An original-format config.json (LLaDA field names), tiny sizes with grouped-query attention.
 ORIGINAL_CONFIG = {
     "model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
@@ -208,4 +210,4 @@ def test_golden_folder_converts_and_reproduces_case_a(tmp_path, golden_dir):
     cases = load_file(golden_dir / "lm_cases.safetensors")
     with torch.no_grad():
         logits = model(input_ids=cases["a_input_ids"]).logits
-    torch.testing.assert_close(logits, cases["a_logits"], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, cases["a_logits"], **GOLDEN_LOGITS_TOLERANCE)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from shirg_hf import LladaConfig, LladaForMaskedDiffusion
 from shirg_hf.conversion import rename_lavida_state_dict
 
-LOGITS_TOLERANCE = dict(atol=2e-4, rtol=1e-4)  # golden README's float32 tolerance
+from conftest import GOLDEN_LOGITS_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_g4_logits_of_every_denoising_step(golden):
         handle.remove()
     expected = tensors[f"d_{name}_step_logits"]  # [8, 2, 16, 512]
     assert len(step_logits) == expected.shape[0]  # encode_prefix runs the backbone only, no LM head
-    torch.testing.assert_close(torch.stack(step_logits), expected, **LOGITS_TOLERANCE)
+    torch.testing.assert_close(torch.stack(step_logits), expected, **GOLDEN_LOGITS_TOLERANCE)
 
 
 def test_golden_prefix_in_a_left_padded_batch_gives_the_same_tokens(golden):

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from shirg_hf import ShirgLavidaForDiffusionLM
 from shirg_hf.conversion import lavida_multimodal_config, rename_lavida_state_dict
 
+from conftest import GOLDEN_VISION_ATOL
+
 IMAGE_TOKEN_INDEX = -200  # LaViDa's in-ids image marker
 
 
@@ -44,9 +46,9 @@ def test_v1_tower_projector_pooling(golden_model, vision_cases):
         features = golden_model.vision_features(tensors["v1_pixel_values"])
         projected = golden_model.multi_modal_projector(features)
         pooled = golden_model.pool_views(projected)
-    torch.testing.assert_close(features, tensors["v1_tower_features"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(projected, tensors["v1_projected"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(pooled, tensors["v1_pooled_bilinear"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(features, tensors["v1_tower_features"], atol=GOLDEN_VISION_ATOL, rtol=0)
+    torch.testing.assert_close(projected, tensors["v1_projected"], atol=GOLDEN_VISION_ATOL, rtol=0)
+    torch.testing.assert_close(pooled, tensors["v1_pooled_bilinear"], atol=GOLDEN_VISION_ATOL, rtol=0)
 
 
 def v2_inputs(golden_model, tensors, meta):
@@ -65,8 +67,8 @@ def test_v2_anyres_assembly_and_embeddings(golden_model, vision_cases):
         image_tokens = golden_model.get_image_features(pixel_values, image_sizes=image_sizes)[0][0]
         inputs_embeds, _ = golden_model.embed_multimodal(input_ids, pixel_values, image_sizes)
     assert image_tokens.shape == tensors["v2_image_tokens"].shape
-    torch.testing.assert_close(image_tokens, tensors["v2_image_tokens"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(inputs_embeds, tensors["v2_inputs_embeds"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(image_tokens, tensors["v2_image_tokens"], atol=GOLDEN_VISION_ATOL, rtol=0)
+    torch.testing.assert_close(inputs_embeds, tensors["v2_inputs_embeds"], atol=GOLDEN_VISION_ATOL, rtol=0)
 
 
 def test_v2_generate_token_exact(golden_model, vision_cases):

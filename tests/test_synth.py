@@ -184,3 +184,20 @@ def test_existing_output_is_kept_without_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and folder_digest(out) == before
     assert cli.main(["synth", "--out", str(out), "--split", "train", "--n", "3", "--seed", "9", "--overwrite"]) == 0
     assert folder_digest(out) != before
+
+
+def test_the_example_sheet_is_drawn(tmp_path):
+    """examples/synth_examples.py (which draws docs/synth_examples.png) runs and picks one column per kind."""
+    import importlib.util
+
+    import PIL.Image
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "synth_examples.py"
+    spec = importlib.util.spec_from_file_location("synth_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    samples = module.pick_samples(synth.EVIDENCE_GEOMETRY)
+    assert [(s.row["family"], s.row["answer_glyphs"]) for s in samples] == list(module.COLUMNS)
+    out = module.main(["--out", str(tmp_path / "sheet.png"), "--zoom", "2"])
+    with PIL.Image.open(out) as sheet:
+        assert sheet.width == len(module.COLUMNS) * (2 * 128 + 16) + 16
