@@ -37,14 +37,20 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from .data import (
+    check_columns, check_images, image_sources, load_vqa_data, pick_split, question_ids, sha256_of_files, with_answers,
+)
 from .evaluation import (
-    DTYPES, PREDICTIONS_NAME, bad_images_message, check_columns, check_images, find_bad_images, image_sources,
-    load_image, load_vqa_dataset, model_fingerprint, prepare_output, question_ids, read_model_config,
-    read_predictions, resolve_generation_config, sha256_of_files,
+    DTYPES, PREDICTIONS_NAME, bad_images_message, find_bad_images, model_fingerprint, prepare_output,
+    read_model_config, read_predictions, resolve_generation_config,
 )
 from .fileio import atomic_file, exclusive_lock, write_json_atomically
+from .modeling.visual_tokens import (
+    DEFAULT_VISION_MODE, get_selection_method, get_vision_mode, num_image_tokens, selection_method_names,
+    vision_mode_names,
+)
+from .processing.image_processing_shirg import load_image
 
-VISION_MODE_VARIANTS = ("lowres", "full")
 ORACLE = "oracle"
 ORACLE_FILL_METHOD = "no_coverage"  # after the evidence patches, the oracle fills by the SHIRG score, no coverage
 TOWER_PRESETS = ("tiny", "lavida")
@@ -58,9 +64,15 @@ FIGURE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189),
 
 
 # ---- variants ----------------------------------------------------------------------------------------------
+def vision_mode_variants() -> tuple[str, ...]:
+    """The registered vision modes that need neither a budget nor each image's size (`lowres`, `full`, ...)."""
+    return tuple(name for name in vision_mode_names()
+                 if not get_vision_mode(name).selects and not get_vision_mode(name).anyres)
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A vision mode (`lowres`, `full`) or a selection method at budget K (vision mode `shirg`)."""
+    """A vision mode (`lowres`, `full`) or a selection method at budget K (the selecting vision mode)."""
 
     name: str
     vision_mode: str
@@ -73,9 +85,8 @@ class Variant:
 
 
 def selection_methods() -> tuple[str, ...]:
-    from .modeling.selection_shirg import METHODS
-
-    return tuple(method for method in METHODS if method != "full") + (ORACLE,)
+    """The registered methods that select (not `keeps_all`), and the oracle."""
+    return tuple(name for name in selection_method_names() if not get_selection_method(name).keeps_all) + (ORACLE,)
 
 
 def make_selector(variant: Variant, config):
@@ -95,14 +106,14 @@ def parse_variants(text: str, config) -> list[Variant]:
         raise ValueError(f"--variants must be distinct comma-separated names, got {text!r}")
     variants = []
     for name in names:
-        if name in VISION_MODE_VARIANTS:
+        if name in vision_mode_variants():
             variants.append(Variant(name, name))
             continue
         method, _, budget = name.partition(":")
         if method not in selection_methods() or not budget.isdigit():
-            raise ValueError(f"--variants {name!r}: expected {' or '.join(VISION_MODE_VARIANTS)}, or METHOD:K with "
+            raise ValueError(f"--variants {name!r}: expected {' or '.join(vision_mode_variants())}, or METHOD:K with "
                              f"METHOD among {', '.join(selection_methods())} and K an integer")
-        variant = Variant(name, "shirg", method, int(budget))
+        variant = Variant(name, DEFAULT_VISION_MODE, method, int(budget))
         try:
             make_selector(variant, config).check_budget(variant.budget, config.num_highres_patches)
         except ValueError as error:
@@ -113,11 +124,8 @@ def parse_variants(text: str, config) -> list[Variant]:
 
 def visual_tokens(variant: Variant, config) -> int:
     """Visual tokens one image takes in the prompt under `variant`."""
-    if variant.vision_mode == "lowres":
-        rows, cols = config.lowres_grid
-        return rows * cols
-    if variant.vision_mode == "full":
-        return config.num_highres_patches
+    if variant.method is None:
+        return num_image_tokens(variant.vision_mode, config.geometry, config.selection)
     return make_selector(variant, config).num_output_tokens(config.num_highres_patches, variant.budget)
 
 
@@ -141,7 +149,7 @@ def evidence_recall(variant: Variant, mask: np.ndarray, kept=None) -> float | No
     total = int(mask.sum())
     if total == 0:
         return None
-    if variant.vision_mode in VISION_MODE_VARIANTS or variant.method == "pooled":
+    if variant.method is None or get_selection_method(variant.selector_method).builder is not None:
         return 1.0  # every patch is in the prompt, alone or averaged into a pooled token
     return float(mask[np.asarray(kept)].sum()) / total
 
@@ -156,9 +164,9 @@ class VariantSelector(nn.Module):
         self.priority = None
         self.kept_indices = None
 
-    def forward(self, features, grid_size=None, budget=None, attentions=None):
-        output = self.selector(features, grid_size=grid_size, budget=budget, attentions=attentions,
-                               priority=self.priority)
+    def forward(self, features, grid_size=None, budget=None, attentions=None, method=None, inputs=None):
+        output = self.selector(features, grid_size=grid_size, budget=budget, attentions=attentions, method=method,
+                               inputs=inputs, priority=self.priority)
         self.kept_indices = output.kept_indices
         return output
 
@@ -240,7 +248,8 @@ def summarize(variants: list[Variant], records: list[dict], recall_only: bool) -
             })
         summaries.append(summary)
     if not recall_only:
-        reference = next((s["seconds_per_answer"] for s in summaries if s["variant"] == "lowres"), None)
+        native = next(name for name in vision_mode_names() if get_vision_mode(name).view_side == "native")
+        reference = next((s["seconds_per_answer"] for s in summaries if s["variant"] == native), None)
         for summary in summaries:
             seconds = summary["seconds_per_answer"]
             summary["relative_seconds"] = seconds / reference if reference and seconds is not None else None
@@ -420,13 +429,12 @@ def load_model(model_dir: Path, adapter_dir: Path | None, config, dtype: str, de
     return model.to(device).eval()
 
 
-def variant_processor(model_dir: Path, variant: Variant):
-    from transformers import AutoProcessor
-
-    if variant.vision_mode != "shirg":
-        return AutoProcessor.from_pretrained(model_dir, vision_mode=variant.vision_mode)
-    return AutoProcessor.from_pretrained(model_dir, vision_mode="shirg", selection_method=variant.selector_method,
-                                         shirg_budget=variant.budget)
+def variant_request(variant: Variant) -> dict:
+    """The processor call's settings for `variant` (they travel with the batch to `generate`)."""
+    request = {"vision_mode": variant.vision_mode}
+    if variant.method is not None:
+        request.update(selection_method=variant.selector_method, shirg_budget=variant.budget)
+    return request
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -437,8 +445,10 @@ def _check_positive(name: str, value) -> None:
 
 def load_questions(data_path: Path, split: str | None):
     """(dataset, split, fingerprint, ids) of a synth-schema data set, checked."""
-    dataset, split, fingerprint = load_vqa_dataset(data_path, split)
-    check_columns(dataset, data_path)
+    loaded, fingerprint = load_vqa_data(data_path)
+    dataset, split = pick_split(loaded, split, data_path)
+    dataset = with_answers(dataset)
+    check_columns(dataset, f"--data {data_path}")
     missing = [column for column in SYNTH_COLUMNS if column not in dataset.column_names]
     if missing:
         raise ValueError(f"--data {data_path} lacks the column(s) {missing}; compare reads a `shirg-hf synth` set "
@@ -570,8 +580,10 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
     from .demo import kv_cache_bytes
     from .processing.processing_shirg_lavida import build_prompt
 
-    processor = variant_processor(model_dir, variant)
-    selector = VariantSelector(make_selector(variant, config)) if variant.vision_mode == "shirg" else None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    selector = VariantSelector(make_selector(variant, config)) if variant.method is not None else None
     swap = selector_swapped(model, selector) if selector is not None else contextlib.nullcontext()
     tokens = visual_tokens(variant, config)
     warmed_up = False
@@ -584,10 +596,9 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
 
             def answer():
                 inputs = processor(images=images, text=[build_prompt(row["question"]) for row in batch],
-                                   return_tensors="pt").to(device)
+                                   return_tensors="pt", **variant_request(variant)).to(device)
                 with torch.inference_mode():
-                    answer_ids = model.generate(**inputs, vision_mode=variant.vision_mode,
-                                                shirg_budget=variant.budget, generation_config=generation_config)
+                    answer_ids = model.generate(**inputs, generation_config=generation_config)
                 return inputs, processor.batch_decode(answer_ids)
 
             if not warmed_up:
@@ -621,7 +632,7 @@ def _select_only(dataset, data_path, ids, variants, pending, config, tower_sourc
     tower = load_tower(tower_source, config).to(device)
     side = config.highres_image_size
     image_processor = ShirgImageProcessor(size={"height": side, "width": side})
-    selectors = {v.name: make_selector(v, config) for v in variants if v.vision_mode == "shirg"}
+    selectors = {v.name: make_selector(v, config) for v in variants if v.method is not None}
     rows = sorted({row for chunk in pending.values() for row in chunk})
     bar = tqdm(total=total, initial=total - len(rows), desc="recall", unit="image", disable=not progress)
     with bar:

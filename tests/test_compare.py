@@ -2,6 +2,7 @@
 with random weights), resume, recall-only mode, and the oracle selection."""
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -66,7 +67,7 @@ def test_compare_writes_every_variant_with_its_numbers(finished_run, model_dir):
     config = ShirgLavidaForDiffusionLM.config_class.from_pretrained(model_dir)
     summaries = {s["variant"]: s for s in results["variants"]}
     assert list(summaries) == VARIANTS.split(",") and results["complete"] and results["num_questions"] == 6
-    lowres = config.lowres_grid[0] * config.lowres_grid[1]
+    lowres = math.prod(config.geometry.grid("native"))
     expected_tokens = {"lowres": lowres, "full": config.num_highres_patches, "shirg:64": 65, "random:64": 65,
                        "pooled:64": 65, "oracle:80": 81}
     for name, summary in summaries.items():
