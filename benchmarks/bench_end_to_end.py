@@ -68,8 +68,7 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             vision = median_seconds(lambda: model.get_image_features(
                 inputs["pixel_values"], mode, inputs.get("image_sizes"), budget), args.repeats)
-            total = median_seconds(lambda: model.generate(**inputs, vision_mode=mode, **call, **generate_kwargs),
-                                   args.repeats)
+            total = median_seconds(lambda: model.generate(**inputs, **generate_kwargs), args.repeats)
         label = f"{mode} K={budget}" if budget else mode
         rows.append((label, visual_tokens, prefix_length, kv_cache_bytes(config, prefix_length, torch.float32),
                      vision, total))

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from shirg_hf import ShirgSelector
+from shirg_hf import ShirgSelector, selection_method_names
 from shirg_hf.modeling.configuration_shirg_lavida import SO400M_TRUNCATED
 
 GRID = (48, 48)
@@ -27,7 +27,7 @@ IMAGE_SIDE = 672
 BUDGETS = (512, 768, 1024)
 BATCHES = (1, 8)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("shirg", "no_coverage", "no_summary", "importance", "magnitude", "gradient", "pooled", "random", "full")
+VARIANTS = selection_method_names()
 
 
 def synchronize(device: torch.device) -> None:
