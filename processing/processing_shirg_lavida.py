@@ -28,6 +28,10 @@ from .visual_tokens import (
 
 
 IMAGE_PLACEHOLDER = "<image>"
+# processor_config.json keys of earlier versions, replaced by `geometry` and `selection`.
+LEGACY_SETTINGS = ("shirg_budget", "shirg_summary", "selection_method", "coverage_cells", "num_highres_patches",
+                   "num_lowres_patches", "highres_image_size", "lowres_image_size", "image_grid_pinpoints",
+                   "anyres_tile_size", "pooled_side")
 
 # Files a processor or tokenizer save may write and a processor load reads back: one left in a folder by another
 # tokenizer (e.g. its special_tokens_map.json) would be mixed into this processor on reload.
@@ -135,6 +139,19 @@ class ShirgLavidaProcessor(ProcessorMixin):
             side = self._geometry.highres_side
             image_processor = ShirgImageProcessor(size={"height": side, "width": side})
         super().__init__(image_processor, tokenizer, chat_template=chat_template or LLADA_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """Refuse a processor_config.json of an earlier version (flat copies of the config such as
+        `num_highres_patches`): its settings would otherwise be dropped and LaViDa's geometry used instead."""
+        legacy = sorted(set(processor_dict) & set(LEGACY_SETTINGS))
+        if legacy:
+            raise ValueError(
+                f"processor_config.json holds settings of an earlier shirg-hf ({', '.join(legacy)}); rebuild the "
+                "processor from the model config: ShirgLavidaProcessor.from_model_config(AutoConfig.from_pretrained("
+                "folder), AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)"
+            )
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
 
     # ---- construction from a model config -------------------------------------------------------------------
     @classmethod

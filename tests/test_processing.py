@@ -410,3 +410,14 @@ def test_model_then_processor_into_one_folder_and_saving_again_need_no_overwrite
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
     reloaded = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert reloaded.tokenizer.bos_token == tokenizer.bos_token and reloaded.image_token == processor.image_token
+
+
+def test_a_processor_config_of_an_earlier_version_is_refused_clearly(tokenizer, tmp_path):
+    make_processor(tokenizer).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    for key in ("geometry", "selection"):
+        saved.pop(key)
+    saved.update(shirg_budget=32, num_highres_patches=144, highres_image_size=48)
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"earlier shirg-hf \(highres_image_size, num_highres_patches, shirg_budget\)"):
+        ShirgLavidaProcessor.from_pretrained(tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shirg_hf import cli, evaluation, synth
+from shirg_hf import cli, data, evaluation, synth
 
 NUM_SAMPLES = 360  # enough for every (family, question type) pair
 
@@ -71,11 +71,11 @@ def test_written_folder_is_accepted_by_eval(tmp_path):
 
     out = tmp_path / "test_set"
     assert cli.main(["synth", "--out", str(out), "--split", "test", "--n", "12", "--seed", "1"]) == 0
-    dataset, split, _ = evaluation.load_vqa_dataset(out, None)
-    evaluation.check_columns(dataset, out)
-    evaluation.check_images(dataset, out)
+    dataset, split = data.pick_split(data.load_vqa_data(out)[0], None, out)
+    data.check_columns(dataset, str(out))
+    data.check_images(dataset, out)
     evaluation.check_answers(dataset, "anls", out)
-    assert len(evaluation.question_ids(dataset, out)) == 12
+    assert len(data.question_ids(dataset, out)) == 12
     assert split is None and dataset.features == synth.dataset_features()
     assert isinstance(dataset[0]["image"], __import__("PIL").Image.Image)
     assert dataset[0]["image"].size == (synth.EVIDENCE_GEOMETRY.high_res_side,) * 2
