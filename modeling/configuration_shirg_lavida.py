@@ -4,7 +4,14 @@ from transformers import PreTrainedConfig, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_llada import LladaConfig, _require, drop_legacy_fields
-from .visual_tokens import DEFAULT_VISION_MODE, LAVIDA_GEOMETRY, Geometry, check_selection, num_image_tokens, get_vision_mode
+from .visual_tokens import (
+    DEFAULT_VISION_MODE,
+    LAVIDA_GEOMETRY,
+    Geometry,
+    check_selection,
+    get_vision_mode,
+    num_image_tokens,
+)
 
 
 # SigLIP so400m-patch14-384 with LaViDa's truncation: the last of its 27 layers is deleted, so the output of

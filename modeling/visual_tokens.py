@@ -190,8 +190,8 @@ SELECTION_METHODS: dict[str, SelectionMethod] = {}
 
 
 def register_selection_method(name: str, *, uses_coverage: bool = True, adds_summary: bool = True,
-                              keeps_all: bool = False, requires=(), description: str = "", builder: Callable | None = None,
-                              replace: bool = False):
+                              keeps_all: bool = False, requires=(), description: str = "",
+                              builder: Callable | None = None, replace: bool = False):
     """Register a selection method; use it as a decorator on the method's scorer.
 
         @register_selection_method("edges", uses_coverage=False)
@@ -288,7 +288,8 @@ def check_selection(selection: dict | None, grid: tuple[int, int] | None = None)
                          f"got {list(weights)} (sum {sum(weights):.6g})")
     cells = settings["coverage_cells"]
     if not isinstance(cells, (list, tuple)) or len(cells) != 2 or not all(_is_int(c) and c >= 1 for c in cells):
-        raise ValueError(f"Invalid `selection.coverage_cells`: must be [rows, cols] of positive integers, got {cells!r}")
+        raise ValueError(f"Invalid `selection.coverage_cells`: must be [rows, cols] of positive integers, "
+                         f"got {cells!r}")
     if not isinstance(settings["summary"], bool):
         raise ValueError(f"Invalid `selection.summary`: must be true or false, got {settings['summary']!r}")
     if not _is_int(settings["seed"]):

@@ -161,19 +161,20 @@ def build_model_card(config, adapter_config: dict | None = None, record: dict | 
         pipeline_tag="image-text-to-text",
     )
     selection = config.selection
+    model = "LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token\n"
+    link = "[shirg-hf](https://pypi.org/project/shirg-hf/)"
     if adapter_config is None:
         title = f"SHIRG-LaViDa ({config.vision_mode})"
-        intro = "LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token\n" \
-                "selection, saved by [shirg-hf](https://pypi.org/project/shirg-hf/)."
+        intro = f"{model}selection, saved by {link}."
         layout, fine_tuning = "", ""
     else:
         title = f"SHIRG-LaViDa with a LoRA-adapted projector ({'merged' if merged else 'base + adapter'})"
-        intro = "LaViDa (SigLIP -> mlp2x_gelu projector -> LLaDA masked-diffusion LM) with SHIRG high-resolution token\n" \
-                "selection and a LoRA fine-tune (targets below), exported by [shirg-hf](https://pypi.org/project/shirg-hf/)."
+        intro = f"{model}selection and a LoRA fine-tune (targets below), exported by {link}."
         layout = ("The LoRA adapter is **merged** into these weights: this is a plain model, no peft needed.\n\n"
                   if merged else
                   f"**`AutoModel` alone loads the base model**; the LoRA adapter is unmerged in `{ADAPTER_SUBFOLDER}/` "
-                  f"and is applied with `PeftModel.from_pretrained(model, repo, subfolder=\"{ADAPTER_SUBFOLDER}\")`.\n\n")
+                  "and is applied with "
+                  f"`PeftModel.from_pretrained(model, repo, subfolder=\"{ADAPTER_SUBFOLDER}\")`.\n\n")
         record = record or {}
         rows = [
             ("LoRA rank r", adapter_config.get("r")),
