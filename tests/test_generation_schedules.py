@@ -94,7 +94,7 @@ def test_steps_per_block_rules():
         (dict(schedule_kwargs={"shift": 0}), "must be a number > 0"),
         (dict(remasking="entrophy"), "Unknown remasking 'entrophy'.*'entropy' here"),
         (dict(remasking="top_p"), "Unknown remasking"),
-        (dict(temperature=-0.5), "temperature must be a number >= 0"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(seed=-1), "seed must be"),
         (dict(stop_at_eos="yes"), "stop_at_eos must be True or False"),
