@@ -16,14 +16,28 @@ On a shared machine pass `--threads 1`: multi-threaded kernels stall whenever an
 
 The answer-only steps multiply [B*L, D] matrices; on CPU such short GEMMs (64 rows at batch 1) run at roughly
 60% of the throughput of the uncached path's [B*(P+L), D] ones, which is what separates batch 1 from theory.
+
+`--sampler` times the sampler's own work instead: a stand-in model replays fixed random logits (no network),
+so a whole `generate()` is the sampler (proposals, float64 scores, top-k writes, bookkeeping). The vectorised
+sampler and the per-row loop it replaced run side by side on the same logits and must give the same tokens.
+
+    python benchmarks/bench_generate.py --sampler --threads 1 --batch-sizes 1 8
 """
 
 import argparse
+import math
 import time
 
 import torch
 
 from shirg_hf import LladaConfig, LladaForMaskedDiffusion
+from shirg_hf.modeling.generation_diffusion import (
+    diffusion_generate,
+    propose_tokens,
+    resolve_generation_config,
+    token_confidence,
+    transfer_schedule,
+)
 
 
 def parse_args():
@@ -39,6 +53,11 @@ def parse_args():
     parser.add_argument("--vocab-size", type=int, default=2048, help="LM head ~7%% of the weights, as in LLaDA-8B")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--sampler", action="store_true",
+                        help="time the sampler alone (replayed logits): vectorised vs the former per-row loop")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes of --sampler")
+    parser.add_argument("--sampler-vocab-sizes", type=int, nargs="+", default=[2048, 126464],
+                        help="vocabularies of --sampler (126,464 = LLaDA-8B's)")
     return parser.parse_args()
 
 
@@ -71,10 +90,97 @@ def time_cached_and_uncached(model, input_ids, repeats: int, **settings) -> dict
     return {use_cache: (best[use_cache], passes[use_cache]) for use_cache in (True, False)}
 
 
+class ReplayCache:
+    """Prefix cache stand-in: remembers which rows it holds."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.attention_mask = torch.ones(len(rows), 1, dtype=torch.bool)
+
+    def select_rows(self, index: torch.Tensor) -> "ReplayCache":
+        return ReplayCache(self.rows[index])
+
+
+class ReplayModel(torch.nn.Module):
+    """Returns fixed random logits [B, L, V] (row b's own) at every step: the sampler's work alone."""
+
+    def __init__(self, batch_size: int, length: int, vocab_size: int):
+        super().__init__()
+        self.config = LladaConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                  num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=length + 8,
+                                  mask_token_id=vocab_size - 1, eos_token_id=vocab_size - 2,
+                                  pad_token_id=vocab_size - 2, bos_token_id=None, eot_token_id=None)
+        generator = torch.Generator().manual_seed(0)
+        self.logits = 4 * torch.randn(batch_size, length, vocab_size, generator=generator)
+        self.logits[..., vocab_size - 1] = -math.inf  # the mask id never wins: every step writes its count
+
+    def encode_prefix(self, input_ids=None, inputs_embeds=None, attention_mask=None) -> ReplayCache:
+        return ReplayCache(torch.arange(input_ids.shape[0]))
+
+    def forward(self, input_ids=None, cache=None, **kwargs):
+        return type("Output", (), {"logits": self.logits[cache.rows]})
+
+
+def per_row_generate(model, input_ids, **settings) -> torch.Tensor:
+    """The sampler loop before vectorisation (one block per `counts`, a Python loop over rows, host syncs per row)."""
+    config = resolve_generation_config(model, **settings)
+    batch_size, length, mask_id = input_ids.shape[0], config.max_new_tokens, config.mask_token_id
+    counts = transfer_schedule(length, config.steps, config.schedule)
+    cache = model.encode_prefix(input_ids=input_ids)
+    answer = torch.full((batch_size, length), mask_id, dtype=torch.long)
+    for count in counts:
+        masked = answer == mask_id
+        active = masked.any(dim=-1)
+        if count == 0 or not bool(active.any()):
+            continue
+        logits = model(input_ids=answer, cache=cache).logits
+        for row in active.nonzero()[:, 0].tolist():
+            candidates = masked[row].nonzero()[:, 0]
+            candidate_logits = logits[row, candidates]
+            x0 = propose_tokens(candidate_logits, config.temperature)
+            confidence = torch.full((length,), -math.inf, dtype=torch.float64)
+            confidence[candidates] = token_confidence(candidate_logits, x0, config.remasking, None)
+            proposal = answer[row].clone()
+            proposal[candidates] = x0
+            chosen = confidence.topk(min(count, candidates.numel())).indices
+            answer[row, chosen] = proposal[chosen]
+    return answer
+
+
+def bench_sampler(args):
+    """Vectorised sampler vs the per-row loop on replayed logits, best of `--repeats`, alternating."""
+    length, steps = args.answer_length, args.steps
+    settings = dict(max_new_tokens=length, block_length=length, steps=steps, schedule="linear", temperature=0.0)
+    print(f"sampler only (replayed logits); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+          f"L = {length}, S = {steps}, one block, greedy low_confidence, best of {args.repeats}")
+    header = f"{'batch':>5} | {'vocab':>6} | {'per-row ms/step':>15} | {'vectorised ms/step':>18} | {'speedup':>7}"
+    print(header)
+    print("-" * len(header))
+    for vocab_size in args.sampler_vocab_sizes:
+        for batch_size in args.batch_sizes:
+            model = ReplayModel(batch_size, length, vocab_size).eval()
+            input_ids = torch.zeros(batch_size, 4, dtype=torch.long)
+            best = {"per-row": math.inf, "vectorised": math.inf}
+            for _ in range(args.repeats):
+                for name, run in (("per-row", per_row_generate), ("vectorised", diffusion_generate)):
+                    start = time.perf_counter()
+                    run(model, input_ids, **settings)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            reference = per_row_generate(model, input_ids, **settings)
+            if not torch.equal(reference, diffusion_generate(model, input_ids, **settings)):
+                raise SystemExit("the vectorised sampler and the per-row loop disagree")
+            per_row, vectorised = (best[name] * 1000 / steps for name in ("per-row", "vectorised"))
+            print(f"{batch_size:>5} | {vocab_size:>6} | {per_row:>15.2f} | {vectorised:>18.2f} | "
+                  f"{per_row / vectorised:>6.2f}x")
+
+
 def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sampler:
+        bench_sampler(args)
+        return
     model = build_model(args)
     length, steps = args.answer_length, args.steps
     settings = dict(max_new_tokens=length, block_length=length, steps=steps, schedule="linear", temperature=0.0)

@@ -143,6 +143,12 @@ class LladaPrefixCache(Cache):
         """Stored prefix length P, padding included."""
         return self.layers[0].get_seq_length()
 
+    def select_rows(self, index: torch.Tensor) -> "LladaPrefixCache":
+        """A new read-only cache of the prefix rows `index` (e.g. the rows still decoding); this one is unchanged."""
+        layers = [LladaPrefixCacheLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                  for layer in self.layers]
+        return LladaPrefixCache(layers, self.attention_mask.index_select(0, index), self.model_size)
+
     def check_compatible(self, config, batch_size: int) -> None:
         """Raise `ValueError` if this cache came from a model of another size or another batch size."""
         expected = {field: getattr(config, field) for field in self.MODEL_SIZE_FIELDS}

@@ -1,10 +1,14 @@
 """Masked-diffusion sampler (LaViDa / LLaDA) with a read-only prefix cache.
 
 The answer starts as `max_new_tokens` mask tokens. It is decoded left to right in blocks of
-`block_length`; every block runs the same number of steps. At each step the model predicts every answer
+`block_length`; with the default schedule every block runs the same number of steps. At each step the model predicts every answer
 position, a token x0 is proposed per position (argmax, Gumbel-max when `temperature > 0`), each masked
 position of the current block is scored by the `remasking` strategy, and the `k` highest-scoring ones are
-written, with `k` taken from the transfer schedule. Decoded tokens are never re-masked.
+written, with `k` taken from the transfer schedule (`decoding="schedule"`, the default) or, with Fast-dLLM's
+adaptive rules, from the scores themselves (`decoding="threshold"` / `"factor"`: a block runs until it is
+decoded). Decoded tokens are never re-masked. All rows are scored and written at once with tensor ops; the one
+host synchronisation per step reads which rows still decode. Rows with nothing left to decode in the current
+block, and rows finished by `stop_at_eos`, leave the forward batch.
 
 The prefix (prompt, image tokens, assistant header) is encoded ONCE by `model.encode_prefix`; every step
 then runs only the answer tokens against that read-only cache (`use_prefix_cache=True`). With
@@ -17,7 +21,8 @@ the unsuppressed argmax (the mask id, EOS and EOT may all win; a position whose 
 masked and competes again at the next step). Deliberate differences are marked **FIX** below.
 
 The model handed to `diffusion_generate` must provide:
-* `encode_prefix(input_ids=, inputs_embeds=, attention_mask=) -> cache` (read-only prefix cache);
+* `encode_prefix(input_ids=, inputs_embeds=, attention_mask=) -> cache` (read-only prefix cache) whose
+  `cache.select_rows(index)` returns the cache of those prefix rows (used when some rows leave the batch);
 * `__call__(input_ids=, inputs_embeds=, attention_mask=, cache=, logits_to_keep=)` returning `.logits [B, T, V]`
   (with `cache`: the answer only, at positions P..P+L-1 per row, P = real prefix length);
 * `get_input_embeddings()`, `config` (or a composite config whose text config carries `mask_token_id`,
@@ -40,6 +45,10 @@ from transformers.utils import ModelOutput
 SCHEDULES = ("linear", "linear_sigma", "shift", "cosine", "logit_normal")
 # Confidence used to pick which masked positions to write. "entropy" is the original's "entrophy" (sic).
 REMASKING_STRATEGIES = ("low_confidence", "random", "margin", "entropy")
+# How many candidates a step writes: the transfer schedule's count, or Fast-dLLM's threshold / factor rules.
+DECODING_RULES = ("schedule", "threshold", "factor")
+# Scores that are probabilities, as the adaptive rules need.
+ADAPTIVE_REMASKING = ("low_confidence", "margin")
 
 DEFAULT_SHIFT = 3.0
 
@@ -51,6 +60,10 @@ DIFFUSION_DEFAULTS = {
     "schedule": "shift",
     "schedule_kwargs": None,
     "remasking": "low_confidence",
+    "decoding": "schedule",
+    "threshold": 0.9,
+    "factor": 1.0,
+    "max_steps": None,
     "mask_token_id": None,
     "stop_at_eos": False,
     "use_prefix_cache": True,
@@ -163,6 +176,16 @@ class DiffusionGenerationConfig(GenerationConfig):
             the paper's best is s = 1/3).
         remasking (`str`, defaults to `"low_confidence"`): `"low_confidence"` (probability of x0),
             `"random"`, `"margin"` (top-1 minus top-2 probability), `"entropy"` (negative entropy).
+        decoding (`str`, defaults to `"schedule"`): how many candidates a step writes. `"schedule"`: the
+            transfer schedule's count (LaViDa). `"threshold"` (Fast-dLLM): every candidate whose score is
+            >= `threshold`. `"factor"` (Fast-dLLM): the n best for the largest n with (n + 1)(1 - c_n) < `factor`,
+            c_n the n-th best score. Both adaptive rules write at least the best candidate per step, run a
+            block until it is decoded (at most `max_steps` steps, the last writing every candidate left), ignore
+            `steps` / `step_ratio` / `schedule`, and need a probability score (`remasking` "low_confidence" or
+            "margin").
+        threshold (`float`, defaults to 0.9): score bar of `decoding="threshold"`, in (0, 1].
+        factor (`float`, defaults to 1.0): f of `decoding="factor"`, > 0.
+        max_steps (`int`, *optional*): step cap per block of the adaptive rules (`None` = block_length).
         temperature (`float`, defaults to 0 = greedy, stored as `None`): Gumbel-max noise
             `exp(logits) / (-log u)^T` in float64 when > 0. Greedy by default so that outputs are
             deterministic and batch-invariant; the released demo samples at 0.1, the evaluation harness at 0.
@@ -178,7 +201,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         use_prefix_cache (`bool`, defaults to True): encode the prefix once and run only answer tokens per
             step; `False` re-runs `[prefix; answer]` every step (prefix attends to the answer).
         return_dict_in_generate (`bool`, defaults to False): return a `DiffusionGenerationOutput` with the
-            per-step history and the number of forward passes instead of the answer ids alone.
+            per-step history, forward-pass counts and tokens per forward instead of the answer ids alone.
 
     Defaults are the released demo's (`predict.py`: L 64, one block of 64, step_ratio 0.5, `shift` s = 3)
     except `temperature` (0 instead of 0.1, see above). The autoregressive sampling flags of
@@ -303,6 +326,29 @@ def validate_diffusion_settings(config: DiffusionGenerationConfig) -> None:
     for name in ("stop_at_eos", "use_prefix_cache"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}.")
+    validate_decoding_settings(config)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_decoding_settings(config: DiffusionGenerationConfig) -> None:
+    """The checks of `decoding`, `threshold`, `factor` and `max_steps` (`ValueError` naming the fix)."""
+    if config.decoding not in DECODING_RULES:
+        raise ValueError(f"Unknown decoding {config.decoding!r}; expected one of {DECODING_RULES} "
+                         "(\"schedule\" = LaViDa's fixed steps, the default).")
+    if not (_is_number(config.threshold) and 0 < config.threshold <= 1):
+        raise ValueError(f"threshold must be a number in (0, 1] (e.g. 0.9), got {config.threshold!r}.")
+    if not (_is_number(config.factor) and config.factor > 0):
+        raise ValueError(f"factor must be a number > 0 (e.g. 1.0), got {config.factor!r}.")
+    if config.max_steps is not None and not (_is_int(config.max_steps) and config.max_steps >= 1):
+        raise ValueError(f"max_steps must be an integer >= 1 or None (= block_length), got {config.max_steps!r}.")
+    if config.decoding != "schedule" and config.remasking not in ADAPTIVE_REMASKING:
+        raise ValueError(
+            f"decoding={config.decoding!r} compares probabilities, but remasking={config.remasking!r} gives none; "
+            f"use remasking in {ADAPTIVE_REMASKING} or decoding='schedule'."
+        )
 
 
 def stop_token_ids(config: DiffusionGenerationConfig) -> list[int]:
@@ -325,54 +371,137 @@ class DiffusionGenerationOutput(ModelOutput):
         history (`torch.LongTensor` of shape `[num_steps_run, B, max_new_tokens]`): the answer after every
             denoising step that ran (mask ids where still masked), for visualisation.
         num_forward_passes (`int`): model calls, the prefix encoding included (1 + steps with the cache).
-        num_saved_steps (`int`): planned steps (blocks x steps per block) that ran no forward pass: every
-            row had finished (`stop_at_eos`), the block had no mask left, or the schedule gave it no token.
+        num_saved_steps (`int`): planned steps (blocks x steps per block; `max_steps` per block for the
+            adaptive rules) that ran no forward pass: every row had finished (`stop_at_eos`), the block had no
+            mask left, or the schedule gave it no token.
+        num_forward_passes_per_row (`torch.LongTensor` of shape `[B]`): the forward passes each row took part
+            in, the prefix encoding included (a row leaves the batch once it has nothing left to decode).
+        tokens_per_forward (`torch.FloatTensor` of shape `[B]`): tokens each row decoded per denoising pass
+            it took part in (the prefix encoding, which decodes nothing, not counted; pad filled in after a
+            stop token not counted).
     """
 
     sequences: torch.LongTensor | None = None
     history: torch.LongTensor | None = None
     num_forward_passes: int | None = None
     num_saved_steps: int | None = None
+    num_forward_passes_per_row: torch.LongTensor | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
 
 
-def propose_tokens(logits: torch.Tensor, temperature: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """x0 per position: argmax of the logits, or Gumbel-max `exp(l) / (-log u)^T` in float64.  # [C, V] -> [C]
+def propose_tokens(logits: torch.Tensor, temperature: float | None,
+                   uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """x0 per position: argmax, or Gumbel-max `exp(l) / (-log u)^T` in float64 with `uniform` u.  # [..., V] -> [...]
 
     Nothing is suppressed: the mask id itself may win (kept from the original).
     """
     if not temperature:
         return logits.argmax(dim=-1)
-    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)  # [C, V]
     return (logits.to(torch.float64).exp() / (-torch.log(uniform)) ** temperature).argmax(dim=-1)
 
 
 def token_confidence(logits: torch.Tensor, x0: torch.Tensor, remasking: str,
                      generator: torch.Generator | None) -> torch.Tensor:
-    """float64 score per position (higher = written first).  # [C, V], [C] -> [C]
+    """float64 score per position (higher = written first).  # [..., V], [...] -> [...]
 
-    Computed from the noise-free logits, as in the original.
+    Computed from the noise-free logits, as in the original; "random" draws from `generator`.
     """
     if remasking == "random":
         return torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x0.device)
-    probs = torch.softmax(logits.to(torch.float64), dim=-1)  # [C, V]
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)  # [..., V]
     if remasking == "low_confidence":
         return probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     if remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values  # [C, 2]
-        return top2[:, 0] - top2[:, 1]
+        top2 = probs.topk(2, dim=-1).values  # [..., 2]
+        return top2[..., 0] - top2[..., 1]
     return (probs * torch.log(probs + 1e-10)).sum(dim=-1)  # "entropy": negative entropy
 
 
-def finished_rows(answer: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
-    """Rows whose positions up to and including some stop token are all decoded.  # [B, L] -> [B]"""
+def first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first `count` True entries along the last dim, in order, without a host sync."""
+    return mask.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def row_noise(generators: list, sizes: list[int], vocab_size: int, config, device):
+    """Each row's noise from its own generator, drawn as the original draws it (Gumbel uniforms [C, V], then
+    "random" scores [C]), padded to `[b, max(sizes), V]` / `[b, max(sizes)]` (None where unused).
+
+    The one per-row loop of the sampler: a row's seeded stream must not depend on the other rows.
+    """
+    width = max(sizes)
+    uniform = torch.full((len(sizes), width, vocab_size), 0.5, dtype=torch.float64, device=device) \
+        if config.temperature else None
+    scores = torch.zeros((len(sizes), width), dtype=torch.float64, device=device) \
+        if config.remasking == "random" else None
+    for index, (generator, size) in enumerate(zip(generators, sizes)):
+        if uniform is not None:
+            uniform[index, :size] = torch.rand((size, vocab_size), generator=generator, dtype=torch.float64,
+                                               device=device)
+        if scores is not None:
+            scores[index, :size] = torch.rand((size,), generator=generator, dtype=torch.float64, device=device)
+    return uniform, scores
+
+
+def choose_writes(confidence: torch.Tensor, num_candidates: torch.Tensor, count: int | None, last_step: bool,
+                  config) -> torch.Tensor:
+    """Positions a step writes.  # [b, L] float64 (-inf off the candidates), [b] -> [b, L] bool
+
+    `decoding="schedule"`: the `count` best (fewer when a row has fewer candidates), through the original's
+    `topk`. Adaptive rules: the best candidates passing the threshold / factor rule, at least one, all of them
+    on a block's last allowed step.
+    """
+    written = torch.zeros_like(confidence, dtype=torch.bool)  # [b, L]
+    if config.decoding == "schedule":
+        chosen = confidence.topk(min(count, confidence.shape[-1]), dim=-1).indices  # [b, k]
+        return written.scatter(-1, chosen, confidence.gather(-1, chosen) > -math.inf)
+    ranked, order = confidence.sort(dim=-1, descending=True, stable=True)  # [b, L] best first
+    rank = torch.arange(confidence.shape[-1], device=confidence.device)  # [L]
+    if last_step:
+        take = torch.ones_like(written)
+    elif config.decoding == "threshold":
+        take = ranked >= config.threshold
+    else:  # "factor": the n best while (n + 1)(1 - c_n) < f, n = rank + 1
+        take = ((rank + 2) * (1 - ranked) < config.factor).long().cumprod(dim=-1).bool()
+    take = (take | (rank == 0)) & (rank < num_candidates[:, None])  # [b, L]
+    return written.scatter(-1, order, take)
+
+
+def denoising_step(logits: torch.Tensor, answer: torch.Tensor, candidate: torch.Tensor, sizes: list[int],
+                   count: int | None, last_step: bool, config, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Propose, score and write for every row at once; returns the new answers and tokens decoded per row.
+
+    logits [b, L, V], answer [b, L], candidate [b, L] bool (masked positions up to the block end),
+    sizes: candidates per row (host ints, >= 1). Only the candidates' logits are scored.
+    """
+    width, vocab_size = max(sizes), logits.shape[-1]
+    positions = first_true(candidate, width)  # [b, C]
+    valid = candidate.gather(-1, positions)  # [b, C]: the first sizes[row] slots of each row
+    flat_positions = positions + torch.arange(len(sizes), device=logits.device)[:, None] * logits.shape[1]  # [b, C]
+    candidate_logits = logits.flatten(0, 1).index_select(0, flat_positions.flatten()).view(
+        len(sizes), width, vocab_size)  # [b, C, V]
+    uniform, scores = row_noise(generators, sizes, vocab_size, config, logits.device)
+    x0 = propose_tokens(candidate_logits, config.temperature, uniform)  # [b, C]
+    score = scores if scores is not None else token_confidence(candidate_logits, x0, config.remasking, None)
+    confidence = torch.full(answer.shape, -math.inf, dtype=torch.float64, device=answer.device)  # [b, L]
+    confidence.scatter_(-1, positions, score.masked_fill(~valid, -math.inf))
+    written = choose_writes(confidence, valid.sum(dim=-1), count, last_step, config)  # [b, L]
+    proposal = answer.scatter(-1, positions, x0)  # [b, L]
+    decoded = (written & (proposal != config.mask_token_id)).sum(dim=-1)  # [b]
+    return torch.where(written, proposal, answer), decoded
+
+
+def finish_rows(answer: torch.Tensor, finished: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor,
+                pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark rows decoded up to and including a stop token as finished; pad them after their first stop token.
+
+    [B, L], [B] -> [B, L], [B]
+    """
+    is_stop = torch.isin(answer, stop_ids)  # [B, L]
     decoded_prefix = (answer != mask_token_id).long().cumprod(dim=-1).bool()  # [B, L]
-    return (torch.isin(answer, stop_ids) & decoded_prefix).any(dim=-1)
-
-
-def pad_after_first_stop(row: torch.Tensor, stop_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Replace every position after the row's first stop token by `pad_token_id`.  # [L] -> [L]"""
-    first_stop = int(torch.isin(row, stop_ids).nonzero()[0, 0])
-    return torch.cat([row[: first_stop + 1], row.new_full((row.numel() - first_stop - 1,), pad_token_id)])
+    newly_finished = (is_stop & decoded_prefix).any(dim=-1) & ~finished  # [B]
+    after_first_stop = is_stop.long().cumsum(dim=-1) - is_stop.long() > 0  # [B, L]
+    answer = answer.masked_fill(newly_finished[:, None] & after_first_stop, pad_token_id)
+    return answer, finished | newly_finished
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,27 +571,44 @@ def _check_inputs(model, config: DiffusionGenerationConfig, input_ids, inputs_em
         raise ValueError(f"seed has {len(config.seed)} entries but the batch has {batch_size} rows.")
 
 
-def make_denoiser(model, input_ids, inputs_embeds, attention_mask, use_prefix_cache: bool):
-    """Return `logits_of(answer [B, L]) -> [B, L, V]` and the number of forward passes spent setting it up."""
-    if use_prefix_cache:
-        cache = model.encode_prefix(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        return (lambda answer: model(input_ids=answer, cache=cache).logits), 1
+class Denoiser:
+    """`denoiser(answer [b, L], rows, index) -> logits [b, L, V]` for the prefix rows `rows` (a tuple of row
+    indices; `index` holds them on the device, or is `slice(None)` for all rows).
 
-    # Non-cached path (the original's prefix_lm=False): the whole [prefix; answer] runs every step.
-    # FIX: any batch size, padding honoured, only the answer returned (the original: batch 1, unmasked,
-    # prompt positions returned as placeholder zeros).
-    def logits_of(answer):
+    With the cache the prefix is encoded once (`prefix_passes` = 1); a subset of rows runs against that cache's
+    rows (`cache.select_rows`, re-selected only when the subset changes). Without it every step re-runs
+    `[prefix; answer]` (the original's prefix_lm=False). FIX: any batch size, padding honoured, only the answer
+    returned (the original: batch 1, unmasked, prompt positions returned as placeholder zeros).
+    """
+
+    def __init__(self, model, input_ids, inputs_embeds, attention_mask, use_prefix_cache: bool):
+        self.model, self.input_ids, self.inputs_embeds, self.attention_mask = \
+            model, input_ids, inputs_embeds, attention_mask
+        prefix = input_ids if input_ids is not None else inputs_embeds
+        self.all_rows = tuple(range(prefix.shape[0]))
+        self.cache = None
+        if use_prefix_cache:
+            self.cache = model.encode_prefix(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask)
+        self.prefix_passes = int(use_prefix_cache)
+        self._selected = (self.all_rows, self.cache)
+
+    def __call__(self, answer: torch.Tensor, rows: tuple, index) -> torch.Tensor:
+        if self.cache is not None:
+            if rows != self._selected[0]:  # rows left the batch: their cache rows too
+                self._selected = (rows, self.cache if rows == self.all_rows else self.cache.select_rows(index))
+            return self.model(input_ids=answer, cache=self._selected[1]).logits
+        attention_mask = None if self.attention_mask is None else self.attention_mask[index]
         full_mask = None if attention_mask is None else torch.cat(
-            [attention_mask, attention_mask.new_ones(answer.shape)], dim=1)  # [B, P + L]
+            [attention_mask, attention_mask.new_ones(answer.shape)], dim=1)  # [b, P + L]
         length = answer.shape[1]  # LM head on the answer positions only (same numbers, less work)
-        if input_ids is not None:
-            full_ids = torch.cat([input_ids, answer], dim=1)  # [B, P + L]
-            return model(input_ids=full_ids, attention_mask=full_mask, logits_to_keep=length).logits
-        answer_embeds = model.get_input_embeddings()(answer).to(inputs_embeds.dtype)  # [B, L, D]
-        full_embeds = torch.cat([inputs_embeds, answer_embeds], dim=1)  # [B, P + L, D]
-        return model(inputs_embeds=full_embeds, attention_mask=full_mask, logits_to_keep=length).logits
-
-    return logits_of, 0
+        if self.input_ids is not None:
+            full_ids = torch.cat([self.input_ids[index], answer], dim=1)  # [b, P + L]
+            return self.model(input_ids=full_ids, attention_mask=full_mask, logits_to_keep=length).logits
+        prefix_embeds = self.inputs_embeds[index]  # [b, P, D]
+        answer_embeds = self.model.get_input_embeddings()(answer).to(prefix_embeds.dtype)  # [b, L, D]
+        full_embeds = torch.cat([prefix_embeds, answer_embeds], dim=1)  # [b, P + L, D]
+        return self.model(inputs_embeds=full_embeds, attention_mask=full_mask, logits_to_keep=length).logits
 
 
 def _row_generators(config: DiffusionGenerationConfig, batch_size: int, device) -> list[torch.Generator | None]:
@@ -498,42 +644,45 @@ def diffusion_generate(model, input_ids: torch.LongTensor | None = None, inputs_
     batch_size, device = prefix.shape[0], prefix.device
     mask_id, length = config.mask_token_id, config.max_new_tokens
     block_length = config.block_length or length
-    block_steps = steps_per_block(length, config.block_length, config.steps, config.step_ratio)
-    # Every block starts fully masked, so all blocks (and rows) share one schedule (<= block_steps entries).
-    counts = transfer_schedule(block_length, block_steps, config.schedule, config.schedule_kwargs)
+    if config.decoding == "schedule":
+        # Every block starts fully masked, so all blocks (and rows) share one schedule (<= block_steps entries).
+        block_steps = steps_per_block(length, config.block_length, config.steps, config.step_ratio)
+        plan = transfer_schedule(block_length, block_steps, config.schedule, config.schedule_kwargs)
+    else:  # adaptive: each step's count comes from the scores; a block runs until it is decoded
+        block_steps = config.max_steps or block_length
+        plan = [None] * block_steps
     stop_ids = torch.tensor(stop_token_ids(config), dtype=torch.long, device=device)
     generators = _row_generators(config, batch_size, device)
 
-    logits_of, prefix_passes = make_denoiser(model, input_ids, inputs_embeds, attention_mask, config.use_prefix_cache)
+    denoiser = Denoiser(model, input_ids, inputs_embeds, attention_mask, config.use_prefix_cache)
     answer = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)  # [B, L]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
+    passes = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] denoising passes per row
+    decoded = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens decoded per row
     history, steps_run = [], 0
     for block_end in range(block_length, length + 1, block_length):
-        for count in counts:
-            masked = answer == mask_id  # [B, L]
-            active = masked[:, block_end - block_length:block_end].any(dim=-1) & ~finished  # [B]
-            if count == 0 or not bool(active.any()):
-                continue  # nothing to write: no forward pass (the original skips exhausted blocks too)
-            logits = logits_of(answer)  # [B, L, V]
+        # Candidates: masked positions up to the end of the current block (later blocks wait, decoded tokens
+        # are final). A row decodes while its current block has a mask and it has not finished.
+        in_reach = torch.arange(length, device=device) < block_end  # [L]
+        for step, count in enumerate(plan):
+            if count == 0:
+                continue  # the schedule gives this step no token: no forward pass
+            candidate = (answer == mask_id) & in_reach & ~finished[:, None]  # [B, L]
+            active = candidate[:, block_end - block_length:block_end].any(dim=-1)  # [B]
+            sizes = (candidate.sum(dim=-1) * active).tolist()  # the step's one host synchronisation
+            rows = tuple(row for row, size in enumerate(sizes) if size)
+            if not rows:
+                break  # nothing left to decode in this block (the original skips exhausted blocks too)
+            index = slice(None) if len(rows) == batch_size else first_true(active, len(rows))
+            logits = denoiser(answer[index], rows, index)  # [b, L, V]: rows with nothing to decode are left out
+            answer[index], decoded_now = denoising_step(
+                logits, answer[index], candidate[index], [sizes[row] for row in rows], count,
+                step == len(plan) - 1, config, [generators[row] for row in rows])
+            passes += active
+            decoded[index] += decoded_now
             steps_run += 1
-            for row in active.nonzero()[:, 0].tolist():  # rows are independent: batch-invariant by design
-                # Candidates: masked positions up to the end of the current block (later blocks wait, decoded
-                # tokens are final). Only their logits are scored; the rest keep confidence -inf.
-                candidates = masked[row, :block_end].nonzero()[:, 0]  # [C]
-                candidate_logits = logits[row, candidates]  # [C, V]
-                x0 = propose_tokens(candidate_logits, config.temperature, generators[row])  # [C]
-                confidence = torch.full((length,), -math.inf, dtype=torch.float64, device=device)  # [L]
-                confidence[candidates] = token_confidence(candidate_logits, x0, config.remasking, generators[row])
-                proposal = answer[row].clone()  # [L]
-                proposal[candidates] = x0
-                # FIX: never write a non-candidate (the original's topk would if k exceeded the candidates).
-                chosen = confidence.topk(min(count, candidates.numel())).indices  # [k]
-                answer[row, chosen] = proposal[chosen]
             if config.stop_at_eos:
-                newly_finished = finished_rows(answer, mask_id, stop_ids) & ~finished  # [B]
-                for row in newly_finished.nonzero()[:, 0].tolist():
-                    answer[row] = pad_after_first_stop(answer[row], stop_ids, config.pad_token_id)
-                finished |= newly_finished
+                answer, finished = finish_rows(answer, finished, mask_id, stop_ids, config.pad_token_id)
             if config.return_dict_in_generate:
                 history.append(answer.clone())
 
@@ -542,13 +691,16 @@ def diffusion_generate(model, input_ids: torch.LongTensor | None = None, inputs_
     return DiffusionGenerationOutput(
         sequences=answer,
         history=torch.stack(history) if history else answer.new_empty((0, batch_size, length)),
-        num_forward_passes=prefix_passes + steps_run,
+        num_forward_passes=denoiser.prefix_passes + steps_run,
         num_saved_steps=length // block_length * block_steps - steps_run,
+        num_forward_passes_per_row=passes + denoiser.prefix_passes,
+        tokens_per_forward=decoded.double().div(passes.clamp(min=1)).float(),
     )
 
 
 __all__ = [
     "DiffusionGenerationConfig",
+    "DECODING_RULES",
     "DiffusionGenerationOutput",
     "REMASKING_STRATEGIES",
     "SCHEDULES",

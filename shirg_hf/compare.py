@@ -8,11 +8,11 @@ without coverage cells. Every variant answers through the normal processor + `ge
 
 Per variant, `results.json` / `results.md` give: visual tokens, prefix tokens, prefix KV-cache bytes (means per
 question), exact-match accuracy (case and spacing ignored) with a 95 % Wilson interval, overall, per
-`question_type` and per `answer_glyphs`; evidence recall (the fraction of evidence patches kept; 1 for `lowres`
-and `full` by definition; a `pooled` token counts for every patch it averages, so `pooled` is 1 too; questions
-without evidence patches are left out); and seconds per answer (processor + generate, after one untimed warm-up
-batch per variant) relative to `lowres` in the same run. `accuracy_vs_tokens.png` plots accuracy against visual
-tokens, one marker per variant.
+`question_type` and per `answer_glyphs`; forward passes per answer and tokens decoded per forward; evidence
+recall (the fraction of evidence patches kept; 1 for `lowres` and `full` by definition; a `pooled` token counts
+for every patch it averages, so `pooled` is 1 too; questions without evidence patches are left out); and seconds
+per answer (processor + generate, after one untimed warm-up batch per variant) relative to `lowres` in the same
+run. `accuracy_vs_tokens.png` plots accuracy against visual tokens, one marker per variant.
 
 `--recall-only` needs no LM: `--tower DIR-or-preset` (a model folder, of which only the vision tower is loaded,
 or `tiny` / `lavida` for a seeded random tower) encodes each image once and every variant's selector runs on the
@@ -41,8 +41,8 @@ from .data import (
     check_columns, check_images, image_sources, load_vqa_data, pick_split, question_ids, sha256_of_files, with_answers,
 )
 from .evaluation import (
-    DTYPES, PREDICTIONS_NAME, bad_images_message, find_bad_images, model_fingerprint, prepare_output,
-    read_model_config, read_predictions, resolve_generation_config,
+    DTYPES, PREDICTIONS_NAME, add_decoding_arguments, bad_images_message, find_bad_images, model_fingerprint,
+    prepare_output, read_model_config, read_predictions, resolve_generation_config,
 )
 from .fileio import atomic_file, exclusive_lock, write_json_atomically
 from .modeling.visual_tokens import (
@@ -245,6 +245,8 @@ def summarize(variants: list[Variant], records: list[dict], recall_only: bool) -
                 "by_answer_glyphs": {name: accuracy_summary(group)
                                      for name, group in group_by(rows, "answer_glyphs").items()},
                 "seconds_per_answer": mean_or_none(r["seconds"] for r in rows),
+                "forward_passes_per_answer": mean_or_none(r.get("forward_passes") for r in rows),
+                "tokens_per_forward": mean_or_none(r.get("tokens_per_forward") for r in rows),
             })
         summaries.append(summary)
     if not recall_only:
@@ -283,12 +285,15 @@ def markdown_report(results: dict) -> str:
                          + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
     lines += ["| variant | visual tokens | prefix tokens | KV cache (KiB) | accuracy % [95 % CI] | evidence recall % "
-              "| s / answer vs lowres |", "|---|---|---|---|---|---|---|"]
+              "| s / answer vs lowres | forward passes / answer | tokens / forward |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         relative = "-" if s["relative_seconds"] is None else f"{s['relative_seconds']:.2f}x"
+        passes, rate = s.get("forward_passes_per_answer"), s.get("tokens_per_forward")
         lines.append(f"| {s['variant']} | {s['visual_tokens']:.0f} | {s['prefix_tokens']:.1f} | "
                      f"{s['kv_cache_bytes'] / 1024:.1f} | {_accuracy_cell(s)} | {_percent(s['evidence_recall'])} | "
-                     f"{relative} |")
+                     f"{relative} | {'-' if passes is None else f'{passes:.1f}'} | "
+                     f"{'-' if rate is None else f'{rate:.2f}'} |")
     for key, title in (("by_question_type", "question type"), ("by_answer_glyphs", "answer glyphs")):
         groups = sorted({name for s in summaries for name in s[key]})
         lines += ["", f"Accuracy % [95 % CI] per {title}:", "",
@@ -476,7 +481,8 @@ def run_compare(
     data_path, variants: str, out_dir, model_dir=None, tower=None, recall_only: bool = False, adapter_dir=None,
     split: str | None = None, limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
     block_length: int | None = None, step_ratio: float | None = None, dtype: str = "auto",
-    device: str | None = None, overwrite: bool = False, progress: bool = True,
+    device: str | None = None, overwrite: bool = False, progress: bool = True, decoding: str | None = None,
+    threshold: float | None = None, factor: float | None = None, max_steps: int | None = None,
 ) -> dict:
     """Answer (or, with `recall_only`, select for) every question under every variant; write and return results."""
     import torch
@@ -515,7 +521,9 @@ def run_compare(
     generation_config = None
     if not recall_only:
         overrides = {name: value for name, value in (("max_new_tokens", max_new_tokens),
-                                                     ("block_length", block_length), ("step_ratio", step_ratio))
+                                                     ("block_length", block_length), ("step_ratio", step_ratio),
+                                                     ("decoding", decoding), ("threshold", threshold),
+                                                     ("factor", factor), ("max_steps", max_steps))
                      if value is not None}
         generation_config = resolve_generation_config(model_dir, config, overrides)
     dataset, split, data_fingerprint, ids = load_questions(data_path, split)
@@ -598,14 +606,16 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
                 inputs = processor(images=images, text=[build_prompt(row["question"]) for row in batch],
                                    return_tensors="pt", **variant_request(variant)).to(device)
                 with torch.inference_mode():
-                    answer_ids = model.generate(**inputs, generation_config=generation_config)
-                return inputs, processor.batch_decode(answer_ids)
+                    output = model.generate(**inputs, generation_config=generation_config,
+                                            return_dict_in_generate=True)
+                return inputs, processor.batch_decode(output.sequences), output
 
             if not warmed_up:
                 answer()
                 warmed_up = True
             began = time.perf_counter()
-            inputs, predictions = answer()
+            inputs, predictions, output = answer()
+            passes, rates = output.num_forward_passes_per_row.tolist(), output.tokens_per_forward.tolist()
             seconds = (time.perf_counter() - began) / len(chunk)
             kept = None if selector is None else selector.kept_indices.cpu().numpy()
             prefix = inputs["attention_mask"].sum(-1).tolist()
@@ -615,7 +625,8 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
                                  tokens)
                 record.update(prediction=prediction.strip(), correct=exact_match(prediction, row["answers"]),
                               prefix_tokens=int(prefix[index]), seconds=seconds,
-                              kv_cache_bytes=kv_cache_bytes(config, int(prefix[index]), model.dtype))
+                              kv_cache_bytes=kv_cache_bytes(config, int(prefix[index]), model.dtype),
+                              forward_passes=passes[index], tokens_per_forward=rates[index])
                 records.append(record)
             _append(stream, records)
             bar.update(len(chunk))
@@ -685,6 +696,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="L", help="answer length (default: the model's)")
     parser.add_argument("--block-length", type=int, help="diffusion block length (default: the model's)")
     parser.add_argument("--step-ratio", type=float, help="denoising steps per block / block length")
+    add_decoding_arguments(parser)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: as saved)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--overwrite", action="store_true", help="discard the results in --out and start over")
@@ -696,7 +708,8 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.variants, args.out, model_dir=args.model, tower=args.tower, recall_only=args.recall_only,
         adapter_dir=args.adapter, split=args.split, limit=args.limit, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, block_length=args.block_length, step_ratio=args.step_ratio,
-        dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+        dtype=args.dtype, device=args.device, overwrite=args.overwrite, decoding=args.decoding,
+        threshold=args.threshold, factor=args.factor, max_steps=args.max_steps,
     )
     print(markdown_report(results).split("\n\n")[1] if results["variants"] else "no variants")
     print(f"results in {Path(args.out).resolve()} ({'complete' if results['complete'] else 'partial'})")

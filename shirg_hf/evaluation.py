@@ -222,6 +222,10 @@ def run_eval(
     overwrite: bool = False,
     progress: bool = True,
     on_bad_image: str = "error",
+    decoding: str | None = None,
+    threshold: float | None = None,
+    factor: float | None = None,
+    max_steps: int | None = None,
 ) -> dict:
     """Answer (the first `limit` of) the questions not answered yet in `out_dir`, then write and return the metrics.
 
@@ -249,7 +253,8 @@ def run_eval(
     config = read_model_config(model_dir)
     check_budget(config, budget)
     overrides = {name: value for name, value in
-                 (("max_new_tokens", max_new_tokens), ("block_length", block_length), ("step_ratio", step_ratio))
+                 (("max_new_tokens", max_new_tokens), ("block_length", block_length), ("step_ratio", step_ratio),
+                  ("decoding", decoding), ("threshold", threshold), ("factor", factor), ("max_steps", max_steps))
                  if value is not None}
     generation_config = resolve_generation_config(model_dir, config, overrides)
     loaded, data_fingerprint = load_vqa_data(data_path)
@@ -305,11 +310,15 @@ def run_eval(
                         return_tensors="pt", **budget_kwargs,
                     ).to(device)
                     with torch.inference_mode():
-                        answer_ids = model.generate(**inputs, generation_config=generation_config)  # [B, L]
-                    answers = [answer.strip() for answer in processor.batch_decode(answer_ids)]
-                    for row, question, gold, prediction in zip(rows, batch["question"], batch["answers"], answers):
+                        output = model.generate(**inputs, generation_config=generation_config,
+                                                return_dict_in_generate=True)
+                    answers = [answer.strip() for answer in processor.batch_decode(output.sequences)]
+                    passes, rates = output.num_forward_passes_per_row.tolist(), output.tokens_per_forward.tolist()
+                    for row, question, gold, prediction, row_passes, rate in zip(
+                            rows, batch["question"], batch["answers"], answers, passes, rates):
                         record = {"id": ids[row], "question": question, "prediction": prediction, "answers": gold,
-                                  "score": question_score(metric, prediction, gold)}
+                                  "score": question_score(metric, prediction, gold), "forward_passes": row_passes,
+                                  "tokens_per_forward": rate}
                         stream.write(json.dumps(record, ensure_ascii=False) + "\n")
                     stream.flush()
                     os.fsync(stream.fileno())
@@ -324,11 +333,30 @@ def run_eval(
             "num_failed": len(records) - len(scored),
             "failed_ids": [record["id"] for record in records if "error" in record],
             "num_questions": len(dataset),
+            **forward_pass_summary(scored),
             "complete": len(records) == len(dataset),
             "run_config": run_config,
         }
         write_json_atomically(out_dir / METRICS_NAME, result)
     return result
+
+
+def forward_pass_summary(records: list[dict]) -> dict:
+    """Mean forward passes per answer (prefix encoding included) and tokens decoded per denoising pass."""
+    counted = [record for record in records if record.get("forward_passes") is not None]
+    if not counted:
+        return {"mean_forward_passes": None, "mean_tokens_per_forward": None}
+    return {"mean_forward_passes": sum(record["forward_passes"] for record in counted) / len(counted),
+            "mean_tokens_per_forward": sum(record["tokens_per_forward"] for record in counted) / len(counted)}
+
+
+def add_decoding_arguments(parser) -> None:
+    """--decoding, --threshold, --factor, --max-steps (defaults: the model's generation config)."""
+    parser.add_argument("--decoding", choices=("schedule", "threshold", "factor"),
+                        help="tokens per step: the fixed schedule, or Fast-dLLM's threshold / factor rule")
+    parser.add_argument("--threshold", type=float, help="score bar of --decoding threshold (e.g. 0.9)")
+    parser.add_argument("--factor", type=float, help="f of --decoding factor (e.g. 1.0)")
+    parser.add_argument("--max-steps", type=int, help="step cap per block of threshold / factor decoding")
 
 
 def register(subparsers) -> None:
@@ -349,6 +377,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="L", help="answer length (default: the model's)")
     parser.add_argument("--block-length", type=int, help="diffusion block length (default: the model's)")
     parser.add_argument("--step-ratio", type=float, help="denoising steps per block / block length")
+    add_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: as saved)")
@@ -365,11 +394,15 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.metric, args.out, budget=args.budget, split=args.split,
         max_new_tokens=args.max_new_tokens, block_length=args.block_length, step_ratio=args.step_ratio,
         batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
-        on_bad_image=args.on_bad_image,
+        on_bad_image=args.on_bad_image, decoding=args.decoding, threshold=args.threshold, factor=args.factor,
+        max_steps=args.max_steps,
     )
     name = get_metric(args.metric).key
     value = "n/a" if result[name] is None else f"{result[name]:.4f}"
     failed = f", {result['num_failed']} failed (unreadable images)" if result["num_failed"] else ""
+    passes = "" if result["mean_forward_passes"] is None else (
+        f"; {result['mean_forward_passes']:.1f} forward passes and {result['mean_tokens_per_forward']:.2f} "
+        "tokens per forward per answer")
     print(f"{name}: {value} over {result['num_answered']} of {result['num_questions']} questions{failed} "
-          f"({'complete' if result['complete'] else 'partial'}); results in {Path(args.out).resolve()}")
+          f"({'complete' if result['complete'] else 'partial'}){passes}; results in {Path(args.out).resolve()}")
     return 0

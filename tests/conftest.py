@@ -14,14 +14,15 @@ Tolerance policy (every float comparison in the suite follows it)
    differ by rounding. `fp32_tolerance(n, magnitude)` bounds that difference for a reduction of length n (for a
    network, the summed lengths of its chained reductions: `llada_reduction_length`) whose results have size
    `magnitude`; use `assert_fp32_close`.
-3. Parity with the ORIGINAL LaViDa code (golden data, made on another machine): the golden README's float32
+3. Parity with the ORIGINAL LaViDa code (golden data, computed once by other code): the golden README's float32
    tolerances, `GOLDEN_LOGITS_TOLERANCE` (logits, hidden states, cache) and `GOLDEN_VISION_ATOL` (vision).
 Tolerances are never tuned to pass: a comparison that needs more than rule 2 gives is a bug to find.
 
 Threads: PyTorch defaults to one thread per core, and on a machine where another process holds a core, the
 tiny models here run 10-100x slower with 2 threads than with 1 (oversubscription). The suite therefore uses
-`OMP_NUM_THREADS` when it is set and otherwise min(2, available cores): 2 is enough to run every thread-split
-code path, more only adds synchronisation to these tiny kernels. The count is exported as `OMP_NUM_THREADS`, so
+`OMP_NUM_THREADS` when it is set and otherwise min(2, available cores): 2 runs the multi-threaded kernels, more
+only adds synchronisation to these tiny ones, and waiting threads sleep (`OMP_WAIT_POLICY=PASSIVE` unless set)
+instead of spinning on a core another process needs. The count is exported as `OMP_NUM_THREADS`, so
 subprocesses run with the same count as the test process (results compared across processes stay bit-exact by
 construction). Tests of thread invariance set their thread counts themselves (`torch.set_num_threads`). CI runs
 the suite twice, with the default (2 threads) and with `OMP_NUM_THREADS=1`.

@@ -84,6 +84,7 @@ def test_compare_writes_every_variant_with_its_numbers(finished_run, model_dir):
         assert sum(group["n"] for group in summary["by_question_type"].values()) == NUM_QUESTIONS
         assert sum(group["n"] for group in summary["by_answer_glyphs"].values()) == NUM_QUESTIONS
         assert summary["seconds_per_answer"] > 0 and 0 <= summary["evidence_recall"] <= 1
+        assert summary["forward_passes_per_answer"] >= 2 and summary["tokens_per_forward"] > 0  # prefix + >= 1 step
     for name in ("lowres", "full", "pooled:64"):
         assert summaries[name]["evidence_recall"] == 1.0
     assert summaries["lowres"]["relative_seconds"] == 1.0
@@ -95,7 +96,7 @@ def test_compare_writes_every_variant_with_its_numbers(finished_run, model_dir):
     for record in records:
         assert record["correct"] == compare.exact_match(record["prediction"], record["answers"])
     report = (finished_run / "results.md").read_text()
-    assert all(f"| {name} |" in report for name in summaries)
+    assert all(f"| {name} |" in report for name in summaries) and "| forward passes / answer |" in report
     with PIL.Image.open(finished_run / "accuracy_vs_tokens.png") as figure:
         assert figure.size[0] > 400
 

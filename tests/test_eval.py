@@ -95,6 +95,8 @@ def test_eval_writes_consistent_predictions_and_metrics_and_resumes(model_dir, d
         assert record["score"] == metrics.Anls().compute(predictions=[record["prediction"]],
                                                         references=[record["answers"]])["anls"]
     assert result["anls"] == pytest.approx(sum(record["score"] for record in records) / len(records))
+    assert all(record["forward_passes"] >= 2 and record["tokens_per_forward"] > 0 for record in records)
+    assert result["mean_forward_passes"] == pytest.approx(sum(r["forward_passes"] for r in records) / len(records))
     assert result["run_config"] == json.loads((out / "run_config.json").read_text())
     assert result["run_config"]["generation"]["max_new_tokens"] == 4
 
