@@ -27,6 +27,7 @@ sampler and the per-row loop it replaced run side by side on the same logits and
 import argparse
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -118,7 +119,7 @@ class ReplayModel(torch.nn.Module):
         return ReplayCache(torch.arange(input_ids.shape[0]))
 
     def forward(self, input_ids=None, cache=None, **kwargs):
-        return type("Output", (), {"logits": self.logits[cache.rows]})
+        return SimpleNamespace(logits=self.logits[cache.rows])
 
 
 def per_row_generate(model, input_ids, **settings) -> torch.Tensor:

@@ -5,6 +5,7 @@ checked; the tiny random LLaDA of `test_generation.py` checks batch, padding and
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ class ScriptedModel(torch.nn.Module):
                 probs[position] = (1 - probability) / (VOCAB - 1)
                 probs[position, token] = probability
             logits.append(probs.log().float())
-        return type("Output", (), {"logits": torch.stack(logits)})
+        return SimpleNamespace(logits=torch.stack(logits))
 
 
 def run(scripts, keys, **settings):
