@@ -29,6 +29,7 @@ from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM, ShirgLavi
 from .processing.image_processing_shirg import ShirgImageProcessor
 from .processing.processing_shirg_lavida import LAVIDA_SYSTEM_PROMPT, ShirgLavidaProcessor, build_prompt
 from .tokenization import build_tiny_tokenizer
+from .evidence_demo import evidence_model_path
 
 __version__ = "0.1.0"
 
@@ -69,4 +70,5 @@ __all__ = [
     "LAVIDA_SYSTEM_PROMPT",
     "build_prompt",
     "build_tiny_tokenizer",
+    "evidence_model_path",
 ]

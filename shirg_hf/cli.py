@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "shirg_hf.synth",
     "shirg_hf.compare",
     "shirg_hf.train",
+    "shirg_hf.evidence",
 )
 # Arguments that name something a command writes; checked to be writable before the command runs.
 OUTPUT_ARGUMENTS = {"out": "--out", "dst": "DST"}

@@ -33,6 +33,8 @@ same families with tags readable in the native view (the "LaViDa at native resol
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import functools
 import hashlib
 import io
@@ -265,6 +267,21 @@ class PlacedGlyph:
         return self.x, self.y, self.x + width, self.y + height
 
 
+_GLYPH_LOG: contextvars.ContextVar = contextvars.ContextVar("glyph_log", default=None)
+
+
+@contextlib.contextmanager
+def recording_glyphs():
+    """Inside the block, every glyph `draw_text` draws is appended to the yielded list (e.g. labels for a
+    per-patch glyph classifier)."""
+    log = []
+    token = _GLYPH_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _GLYPH_LOG.reset(token)
+
+
 def draw_text(image: PIL.Image.Image, text: str, x: int, y: int, unit: float, colour) -> list[PlacedGlyph]:
     """Draw `text` with its top-left corner at (x, y); returns the glyphs drawn."""
     placed = []
@@ -274,6 +291,9 @@ def draw_text(image: PIL.Image.Image, text: str, x: int, y: int, unit: float, co
         image.paste(colour, (x, y, x + mask.width, y + mask.height), mask)
         placed.append(PlacedGlyph(char, x, y, unit))
         x += mask.width + gap
+    log = _GLYPH_LOG.get()
+    if log is not None:
+        log.extend(placed)
     return placed
 
 

@@ -1,0 +1,162 @@
+"""The evidence tables (BENCHMARKS.md, docs/EVIDENCE-RESULTS.md) from `shirg-hf compare` runs and the blind row.
+
+    python benchmarks/evidence_tables.py --lora runs/evidence/cmp_lora --zero-shot runs/evidence/cmp_zero \
+        --blind runs/evidence/blind.json --gate0 runs/evidence/cmp_g0 > runs/evidence/tables.md
+
+Accuracy is exact match with a 95 % Wilson interval; `fine` = detail + reverse questions (the answer needs the
+fine glyphs); gates and the main claim follow ../shared/EVIDENCE.md.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from shirg_hf.compare import wilson_interval
+
+NUM_LAYERS_KEY = "num_hidden_layers"
+
+
+def load(folder: Path) -> tuple[dict, dict]:
+    results = json.loads((folder / "results.json").read_text())
+    records = {}
+    for line in (folder / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["variant"], []).append(record)
+    return {s["variant"]: s for s in results["variants"]}, records
+
+
+def acc(records, keep=lambda r: True) -> tuple[float, float, float, int]:
+    chosen = [r for r in records if keep(r)]
+    correct = sum(bool(r["correct"]) for r in chosen)
+    low, high = wilson_interval(correct, len(chosen))
+    return (correct / len(chosen) if chosen else float("nan")), low, high, len(chosen)
+
+
+def cell(value) -> str:
+    p, low, high, n = value
+    return f"{100 * p:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+FINE = lambda r: r["question_type"] in ("detail", "reverse")  # noqa: E731
+DETAIL = lambda r: r["question_type"] == "detail"  # noqa: E731
+DETAIL2 = lambda r: r["question_type"] == "detail" and int(r["answer_glyphs"]) == 2  # noqa: E731
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lora", type=Path, nargs="+", required=True,
+                        help="compare folder(s) of the shipped (merged) model, variants merged in order")
+    parser.add_argument("--zero-shot", type=Path, help="compare folder of the stage-1 model (no adapter)")
+    parser.add_argument("--blind", type=Path, help="bench_evidence_blind.py output")
+    parser.add_argument("--gate0", type=Path, help="compare folder: stage-1 model, lowres, large-glyph val set")
+    parser.add_argument("--layers", type=int, default=3, help="LM layers (KV cache per layer)")
+    args = parser.parse_args()
+    summaries, records = {}, {}
+    for folder in args.lora:
+        folder_summaries, folder_records = load(folder)
+        summaries.update(folder_summaries)
+        records.update(folder_records)
+    zero_summaries, zero_records = load(args.zero_shot) if args.zero_shot else ({}, {})
+    out = []
+    base = summaries["lowres"]["seconds_per_answer"]
+
+    out += ["### Expected performance (the research plan's table at CPU scale; shared LoRA, test split)", "",
+            "| view | visual tokens | prefix tokens | KV cache per layer / all (KiB) | s / answer vs native | "
+            "accuracy % [95 % CI] | fine (detail + reverse) % | detail % | needs training |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("native view 72 px (`lowres`)", "lowres", "no (stage-1 model)"),
+            ("SHIRG K = 56 (`shirg:56`)", "shirg:56", "projector LoRA"),
+            ("SHIRG K = 84 (`shirg:84`)", "shirg:84", "projector LoRA"),
+            ("SHIRG K = 112 (`shirg:112`)", "shirg:112", "projector LoRA"),
+            ("all 256 high-res tokens (`full`)", "full", "projector LoRA")]
+    for label, name, training in rows:
+        s, r = summaries[name], records[name]
+        kv = s["kv_cache_bytes"] / 1024
+        out.append(f"| {label} | {s['visual_tokens']:.0f} | {s['prefix_tokens']:.1f} | {kv / args.layers:.1f} / "
+                   f"{kv:.1f} | {s['seconds_per_answer'] / base:.2f}x | {cell(acc(r))} | {cell(acc(r, FINE))} | "
+                   f"{cell(acc(r, DETAIL))} | {training} |")
+
+    types = ("detail", "reverse", "global", "spatial")
+    out += ["", "### Ablations (test split; K = 84 unless named; LoRA = the shipped shared adapter)", "",
+            "| variant | adapter | visual tokens | evidence recall % | all % | "
+            + " | ".join(f"{t} %" for t in types) + " |", "|---|---|---|---|---|" + "---|" * len(types)]
+
+    def ablation(label, adapter, summary, rs):
+        recall = summary.get("evidence_recall") if summary else None
+        tokens = summary["visual_tokens"] if summary else 0
+        cells = [cell(acc(rs, lambda r, t=t: r["question_type"] == t)) for t in types]
+        out.append(f"| {label} | {adapter} | {tokens:.0f} | {'-' if recall is None else f'{100 * recall:.1f}'} | "
+                   f"{cell(acc(rs))} | " + " | ".join(cells) + " |")
+
+    for name in summaries:
+        ablation(f"`{name}`", "LoRA", summaries[name], records[name])
+    for name in zero_summaries:
+        ablation(f"`{name}`", "none (zero-shot)", zero_summaries[name], zero_records[name])
+    if args.blind:
+        blind = json.loads(args.blind.read_text())
+        cells = []
+        for t in types:
+            entry = blind["by_question_type"].get(t)
+            cells.append("-" if entry is None else
+                         f"{100 * entry['accuracy']:.1f} [{100 * entry['ci95'][0]:.1f}, {100 * entry['ci95'][1]:.1f}]")
+        out.append(f"| blind (no image) | LoRA | 0 | - | {100 * blind['accuracy']:.1f} [{100 * blind['ci95'][0]:.1f}, "
+                   f"{100 * blind['ci95'][1]:.1f}] | " + " | ".join(cells) + " |")
+
+    lengths = sorted({str(r["answer_glyphs"]) for rs in records.values() for r in rs})
+    out += ["", "### Accuracy % [95 % CI] per answer length (fine glyphs the answer needs), shared LoRA", "",
+            "| variant | " + " | ".join(f"{n} glyph(s)" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for name, rs in records.items():
+        out.append(f"| `{name}` | " + " | ".join(
+            cell(acc(rs, lambda r, n=n: str(r["answer_glyphs"]) == n)) for n in lengths) + " |")
+
+    out += ["", "### Gates and the main claim", ""]
+    if args.gate0:
+        _, g0_records = load(args.gate0)
+        g0 = acc(g0_records["lowres"], DETAIL)
+        out.append(f"- **G0** (stage 1 reads large glyphs at the native side: detail >= 90 %, val split, glyph scale "
+                   f"1.6): {cell(g0)} (n {g0[3]}) -> **{'met' if g0[0] >= 0.9 else 'not met'}**")
+    native_zero = zero_records.get("lowres")
+    native = records["lowres"]
+    g1_source = native_zero or native
+    g1 = acc(g1_source, DETAIL2)
+    out.append(f"- **G1** (native view <= 20 % on 2-glyph detail questions{', no adapter' if native_zero else ''}): "
+               f"{cell(g1)} (n {g1[3]}) -> **{'met' if g1[0] <= 0.2 else 'not met'}**; with the LoRA "
+               f"{cell(acc(native, DETAIL2))}")
+    full_d, native_d = acc(records["full"], DETAIL), acc(native, DETAIL)
+    out.append(f"- **G2** (all high-res tokens + LoRA >= native + 30 points on detail): {cell(full_d)} vs "
+               f"{cell(native_d)}, +{100 * (full_d[0] - native_d[0]):.1f} points -> "
+               f"**{'met' if full_d[0] - native_d[0] >= 0.3 else 'not met'}**")
+    if args.blind:
+        blind = json.loads(args.blind.read_text())
+        detail = blind["by_question_type"].get("detail", {"accuracy": float("nan"), "ci95": [0, 0]})
+        out.append(f"- **G3** (blind ~ chance on detail: one glyph of 24 is 4.2 %, two 0.2 %): blind detail "
+                   f"{100 * detail['accuracy']:.1f} [{100 * detail['ci95'][0]:.1f}, {100 * detail['ci95'][1]:.1f}] "
+                   f"-> **{'met' if detail['ci95'][0] <= 0.042 + 0.03 else 'not met'}**")
+    shirg = acc(records["shirg:84"], DETAIL)
+    checks = [("native view", native_d, 0.30, ">")]
+    for other in ("random:84", "pooled:84"):
+        if other in records:
+            checks.append((other, acc(records[other], DETAIL), 0.15, ">"))
+    for other in ("full", "oracle:84"):
+        if other in records:
+            checks.append((other, acc(records[other], DETAIL), -0.05, "within"))
+    parts, ok = [], True
+    for label, value, margin, kind in checks:
+        gap = shirg[0] - value[0]
+        good = gap > margin if kind == ">" else gap >= margin
+        ok &= good
+        parts.append(f"vs {label} {100 * value[0]:.1f}: {gap * 100:+.1f} points "
+                     f"({'needs > +' + str(int(margin * 100)) if kind == '>' else 'needs >= -5'}: "
+                     f"{'yes' if good else 'no'})")
+    out.append(f"- **Main claim** (SHIRG K = 84 on detail questions, {100 * shirg[0]:.1f} %): " + "; ".join(parts)
+               + f" -> **{'met' if ok else 'not met'}**")
+    for other in ("gradient:84", "importance:84"):
+        if other in records:
+            value = acc(records[other], DETAIL)
+            out.append(f"- SHIRG vs `{other}` on detail: {100 * shirg[0]:.1f} vs {100 * value[0]:.1f} "
+                       f"({100 * (shirg[0] - value[0]):+.1f} points)")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,575 @@
+"""`shirg-hf train-evidence`: the tiny LaViDa-shaped evidence model, trained from scratch in two stages.
+
+Stage 1 trains tower + projector + LM at the native side (`lowres`) on `shirg-hf synth` images whose glyphs are
+drawn large (a mix of glyph scales, so the tower learns scale-tolerant glyph features), with the package's
+masked-diffusion loss (complementary masking) and an auxiliary per-patch glyph-class head (not shipped). Stage 2
+freezes tower and LM, caches the tower features of both views once, and trains ONE projector LoRA with a view per
+batch drawn from {native view, all high-res tokens, K1, K2, K3}. Every image comes from the `train` split.
+The experiment, its choices and its results are in docs/EVIDENCE-RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modeling.configuration_llada import LladaConfig
+from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
+from .modeling.generation_diffusion import DiffusionGenerationConfig
+from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
+from .processing.processing_shirg_lavida import (
+    LAVIDA_SYSTEM_PROMPT, LLADA_CHAT_TEMPLATE, ShirgLavidaProcessor, build_prompt,
+)
+from .synth import (
+    ANSWER_ALPHABET, CHART_DIGITS, COLOUR_NAMES, EVIDENCE_GEOMETRY, EVIDENCE_PATCH_SIZE, FAMILIES, FORM_KEYS, SHAPES,
+    generate_sample, recording_glyphs,
+)
+from .training import _seeded_generator, complementary_noising, projector_lora_config
+
+# ---- geometry and sizes (EVIDENCE.md's CPU-scale analogue of LaViDa 384 / 672 px) ------------------------------
+EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
+EVIDENCE_MIDDLE_BUDGET = 84
+VIEWS = ("lowres", "full") + EVIDENCE_BUDGETS  # stage 2 draws one per batch
+STAGE1_GLYPH_SCALES = (1.6, 1.9, 2.2)  # glyphs about 6.2 / 7.3 / 8.4 px tall in the 72 px native view
+FORM_MAX_GLYPH_SCALE = 1.6  # a 128 px form page holds no title + two key:value lines above this
+ANSWER_TOKENS = 4  # the generation window: the longest answer (two glyphs) + <|eot_id|> fits
+SPECIAL_TOKENS = ("<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>",
+                  "<|endoftext|>", "<|mdm_mask|>", "<unk>")
+PIECE_PATTERN = r"\n+| ?[a-z]+| ?[A-Z0-9]|[^\sA-Za-z0-9]| +"  # words, single capitals / digits, punctuation
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+def evidence_texts() -> list[str]:
+    """Every prompt and answer text the synth families produce (the tokenizer's corpus)."""
+    glyphs = list(ANSWER_ALPHABET)
+    questions = ["Which bar is the tallest?", "How many big circles are there?"]
+    questions += [f"What is in the {c} tag?" for c in COLOUR_NAMES]
+    questions += [f"What is the value of the {c} bar?" for c in COLOUR_NAMES]
+    questions += [f"Which colour tag holds {g}?" for g in glyphs]
+    questions += [f"Is the {a} tag left of the {b} tag?" for a in COLOUR_NAMES for b in COLOUR_NAMES if a != b]
+    questions += [f"What colour is the big {s}?" for s in SHAPES]
+    questions += [f"What is the {k}?" for k in FORM_KEYS]
+    answers = glyphs + list(CHART_DIGITS) + list(COLOUR_NAMES) + ["yes", "no", "0", "1", "2", "3"]
+    return [build_prompt(q) for q in questions] + answers + [LAVIDA_SYSTEM_PROMPT]
+
+
+def build_evidence_tokenizer():
+    """A word / glyph-level tokenizer covering the synth prompts and answers (about 150 ids).
+
+    Pieces: runs of newlines, lowercase words with their leading space, single capitals and digits (so a
+    two-glyph answer is two tokens), punctuation. Decoding concatenates the pieces, so text round-trips; pieces
+    outside the corpus become `<unk>`. Special tokens come first (ids 0-7), then the pieces in sorted order.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
+    pieces = set()
+    for text in evidence_texts():
+        for chunk in _split_specials(text):
+            pieces.update(piece for piece, _ in splitter.pre_tokenize_str(chunk))
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for piece in sorted(pieces):
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = splitter
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>", unk_token="<unk>",
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"],
+        padding_side="left", model_max_length=1024, chat_template=LLADA_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _split_specials(text: str) -> list[str]:
+    chunks = [text]
+    for token in SPECIAL_TOKENS:
+        chunks = [part for chunk in chunks for part in chunk.split(token)]
+    return [chunk for chunk in chunks if chunk]
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+def evidence_config(tokenizer=None, vision_mode: str = "shirg") -> ShirgLavidaConfig:
+    """The evidence model: SigLIP d128 x 4 layers at 72 px (9x9 patches of 8 px; 128 px = 16x16 high-res),
+    projector 128 -> 128 -> 128, LLaDA d128 x 3 layers (SwiGLU 352), K = 84 of 256 with 4x4 coverage cells."""
+    tokenizer = tokenizer or build_evidence_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"), ("mask", "<|mdm_mask|>"), ("eot", "<|eot_id|>"),
+        ("image", "<image>"))}
+    vocab_size = -(-len(tokenizer) // 8) * 8
+    text = LladaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0, mask_token_id=ids["mask"],
+        eos_token_id=ids["eos"], pad_token_id=ids["eos"], bos_token_id=ids["bos"], eot_token_id=ids["eot"],
+    )
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=EVIDENCE_GEOMETRY.native_side, patch_size=EVIDENCE_PATCH_SIZE, num_channels=3,
+                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, attention_dropout=0.0, vision_use_head=False)
+    return ShirgLavidaConfig(
+        vision_config=vision, text_config=text.to_dict(), highres_image_size=EVIDENCE_GEOMETRY.high_res_side,
+        vision_mode=vision_mode, image_token_id=ids["image"],
+        selection={"budget": EVIDENCE_MIDDLE_BUDGET, "coverage_cells": [4, 4]},
+    )
+
+
+def evidence_generation_config(config) -> DiffusionGenerationConfig:
+    """Greedy, one token per step over the 4-token answer window, stop at the first end token."""
+    generation = DiffusionGenerationConfig.from_model_config(config)
+    generation.max_new_tokens = ANSWER_TOKENS
+    generation.block_length = ANSWER_TOKENS
+    generation.steps = ANSWER_TOKENS
+    generation.step_ratio = None
+    generation.schedule = "linear"
+    return generation
+
+
+def evidence_processor(config, tokenizer, vision_mode: str | None = None) -> ShirgLavidaProcessor:
+    kwargs = {} if vision_mode is None else {"vision_mode": vision_mode}
+    return ShirgLavidaProcessor.from_model_config(config, tokenizer, **kwargs)
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training row: the image, question, answer and the answer glyphs' native-grid patches and classes."""
+
+    image: object
+    question: str
+    answer: str
+    glyph_patches: list  # [(patch index on the native grid, class index in ANSWER_ALPHABET)]
+
+
+def stage1_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
+    """Glyph scale of stage-1 row `index`: cycled every 3 rows (independent of the family, which is index mod 3),
+    capped for `form` pages."""
+    scale = scales[(index // 3) % len(scales)]
+    return min(scale, FORM_MAX_GLYPH_SCALE) if FAMILIES[index % len(FAMILIES)] == "form" else scale
+
+
+def make_example(split: str, seed: int, index: int, glyph_scale: float) -> Example:
+    """Row `index` with the native-grid patch and class of every alphabet glyph drawn (answer, other tags, labels,
+    titles, decoys): the auxiliary classifier's labels. A patch holding two glyph centres is left unlabelled."""
+    with recording_glyphs() as drawn:
+        sample = generate_sample(split, seed, index, EVIDENCE_GEOMETRY, glyph_scale=glyph_scale)
+    side = EVIDENCE_GEOMETRY.high_res_side
+    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+    labels = {}
+    for glyph in drawn:
+        if glyph.char not in ANSWER_ALPHABET:
+            continue
+        x0, y0, x1, y1 = glyph.box
+        column = min(grid - 1, int((x0 + x1) / 2 * grid / side))
+        row = min(grid - 1, int((y0 + y1) / 2 * grid / side))
+        patch = row * grid + column
+        labels[patch] = None if patch in labels else ANSWER_ALPHABET.index(glyph.char)
+    patches = [(patch, label) for patch, label in sorted(labels.items()) if label is not None]
+    return Example(sample.image, sample.row["question"], sample.row["answers"][0], patches)
+
+
+# ---- prompts and noising ---------------------------------------------------------------------------------
+class PromptBuilder:
+    """Prompt ids for a question and a visual-token count, exactly as the processor builds them (checked by the
+    tests), without preprocessing an image: stage 2 reads cached tower features."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self._cache = {}
+
+    def prompt_ids(self, question: str, image_tokens: int) -> list[int]:
+        key = (question, image_tokens)
+        if key not in self._cache:
+            ids = self.tokenizer(build_prompt(question), add_special_tokens=False)["input_ids"]
+            self._cache[key] = self.processor._expand_image_tokens(ids, iter([image_tokens]))
+        return self._cache[key]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer.strip() + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+
+
+def noised_batch(builder: PromptBuilder, questions, answers, image_tokens: int, mask_token_id: int,
+                 generator: torch.Generator) -> dict:
+    """[prompt][answer <|eot_id|>][<|endoftext|> ...] rows (answer window >= ANSWER_TOKENS) noised with LaViDa's
+    complementary masking: input_ids, labels, prefix_lengths [2B] and image_rows [2B]."""
+    pad = builder.tokenizer.pad_token_id
+    prompts = [builder.prompt_ids(q, image_tokens) for q in questions]
+    targets = [builder.answer_ids(a) for a in answers]
+    total = max(len(p) + max(len(t), ANSWER_TOKENS) for p, t in zip(prompts, targets))
+    input_ids = torch.full((len(prompts), total), pad, dtype=torch.long)
+    answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        input_ids[row, :len(prompt)] = torch.tensor(prompt)
+        input_ids[row, len(prompt):len(prompt) + len(target)] = torch.tensor(target)
+        answer_mask[row, len(prompt):] = True
+    noised = complementary_noising(input_ids, answer_mask, mask_token_id, generator=generator)
+    lengths = torch.tensor([len(p) for p in prompts])
+    return {"input_ids": noised["input_ids"], "labels": noised["labels"],
+            "prefix_lengths": lengths[noised["source_rows"]], "image_rows": noised["source_rows"]}
+
+
+def diffusion_loss(model, batch: dict, visual: torch.Tensor) -> torch.Tensor:
+    """The model's masked-diffusion loss with `visual` [B, n, H] (projected tokens per image) in the prompt."""
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    positions = input_ids == model.config.image_token_id
+    visual = visual[batch["image_rows"]].reshape(-1, visual.shape[-1]).to(embeds.dtype)
+    embeds = embeds.masked_scatter(positions[..., None], visual)
+    return model(inputs_embeds=embeds, labels=batch["labels"], prefix_lengths=batch["prefix_lengths"]).loss
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---- settings ----------------------------------------------------------------------------------------------
+@dataclass
+class EvidenceSettings:
+    """Everything a run depends on (written to `settings.json`)."""
+
+    seed: int = 0
+    stage1_steps: int = 1000
+    stage1_batch: int = 24
+    stage1_lr: float = 2e-3
+    stage1_aux_weight: float = 1.0
+    stage1_data_seed: int = 1
+    stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
+    stage2_images: int = 3000
+    stage2_steps: int = 400
+    stage2_batch: int = 24
+    stage2_lr: float = 2e-3
+    stage2_data_seed: int = 2
+    stage2_views: tuple = VIEWS
+    stage2_train: str = "lora"  # lora | projector
+    lora_rank: int = 4
+    val_questions: int = 300
+    val_seed: int = 0
+    checkpoint_every: int = 250
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------------------
+class GlyphHead(nn.Module):
+    """Auxiliary per-patch glyph classifier on the tower's features (training only; never saved with the model)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, len(ANSWER_ALPHABET))
+
+    def loss(self, features: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
+        rows, patches, classes = [], [], []
+        for row, example in enumerate(examples):
+            for patch, label in example.glyph_patches:
+                rows.append(row)
+                patches.append(patch)
+                classes.append(label)
+        if not rows:
+            return None
+        logits = self.linear(features[torch.tensor(rows), torch.tensor(patches)])
+        return nn.functional.cross_entropy(logits, torch.tensor(classes))
+
+
+def _log(log_path: Path, record: dict) -> None:
+    with open(log_path, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
+    """Tower + projector + LM from scratch at the native side; writes `out/stage1` (a save_pretrained folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "stage1"
+    if (final / "config.json").is_file():
+        return final
+    tokenizer = tokenizer or build_evidence_tokenizer()
+    config = evidence_config(tokenizer, vision_mode="lowres")
+    processor = evidence_processor(config, tokenizer)
+    builder = PromptBuilder(processor)
+    torch.manual_seed(settings.seed)
+    model = ShirgLavidaForDiffusionLM(config).train()
+    head = GlyphHead(config.vision_config.hidden_size)
+    parameters = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    checkpoint, start = out / "stage1_checkpoint.pt", 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    image_processor = processor.image_processor
+    native = config.vision_config.image_size
+    log_path, began, running = out / "train_log.jsonl", time.perf_counter(), []
+    warmup = max(1, settings.stage1_steps // 20)
+    for step in range(start, settings.stage1_steps):
+        indices = range(step * settings.stage1_batch, (step + 1) * settings.stage1_batch)
+        examples = [make_example("train", settings.stage1_data_seed, i,
+                                 stage1_glyph_scale(i, settings.stage1_glyph_scales)) for i in indices]
+        pixels = image_processor([e.image for e in examples], size={"height": native, "width": native},
+                                 do_anyres=False, return_tensors="pt")["pixel_values"]
+        batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
+                             processor.num_image_tokens(vision_mode="lowres"), config.text_config.mask_token_id,
+                             _seeded_generator(settings.seed, 1, step))
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
+        features = model.vision_features(pixels)
+        loss = diffusion_loss(model, batch, model.multi_modal_projector(features))
+        aux = head.loss(features, examples)
+        total = loss if aux is None else loss + settings.stage1_aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        running.append((loss.item(), float("nan") if aux is None else aux.item()))
+        if (step + 1) % 50 == 0 or step + 1 == settings.stage1_steps:
+            losses = np.array(running)
+            _log(log_path, {"stage": 1, "step": step + 1, "loss": round(float(np.nanmean(losses[:, 0])), 4),
+                            "aux": round(float(np.nanmean(losses[:, 1])), 4),
+                            "seconds": round(time.perf_counter() - began, 1)})
+            running = []
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.stage1_steps:
+            torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step + 1}, checkpoint)
+    model.eval()
+    model.config.vision_mode = "shirg"
+    model.generation_config = evidence_generation_config(model.config)
+    staging = out / "stage1.partial"
+    model.save_pretrained(staging)
+    evidence_processor(model.config, tokenizer).save_pretrained(staging, overwrite=True)
+    staging.rename(final)
+    checkpoint.unlink(missing_ok=True)
+    return final
+
+
+# ---- stage 2 -----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def tower_features(model, images, side: int, batch: int = 64) -> torch.Tensor:
+    """Tower features [N, patches, D] of PIL images at `side` px, as the model computes them."""
+    processor = model_image_processor(model)
+    chunks = []
+    for start in range(0, len(images), batch):
+        pixels = processor(images[start:start + batch], size={"height": side, "width": side}, do_anyres=False,
+                           return_tensors="pt")["pixel_values"]
+        chunks.append(model.vision_features(pixels))
+    return torch.cat(chunks)
+
+
+def model_image_processor(model):
+    from .processing.image_processing_shirg import ShirgImageProcessor
+
+    side = model.config.highres_image_size
+    return ShirgImageProcessor(size={"height": side, "width": side})
+
+
+def view_of_batch(settings: EvidenceSettings, step: int):
+    """The view of stage-2 batch `step`: 'lowres', 'full' or a budget K (a function of the seed and step only)."""
+    views = settings.stage2_views
+    return views[int(torch.randint(len(views), (), generator=_seeded_generator(settings.seed, 2, step)))]
+
+
+def visual_tokens_for_view(model, features_low, features_high, view):
+    """(projected visual tokens [B, n, H], n) of a batch under `view`."""
+    if view == "lowres":
+        features = features_low
+    elif view == "full":
+        features = features_high
+    else:
+        features = model.selector(features_high, grid_size=model.config.highres_grid, budget=int(view)).tokens
+    return model.multi_modal_projector(features), features.shape[1]
+
+
+def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
+    """Projector LoRA (or the whole projector) on cached tower features; writes `out/adapter` (LoRA runs) and
+    `out/model` (merged save_pretrained folder)."""
+    from transformers import AutoProcessor
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    model = ShirgLavidaForDiffusionLM.from_pretrained(base_dir).eval()
+    processor = AutoProcessor.from_pretrained(base_dir)
+    builder = PromptBuilder(processor)
+    examples = [make_example("train", settings.stage2_data_seed, i, 1.0) for i in range(settings.stage2_images)]
+    began = time.perf_counter()
+    features_low = tower_features(model, [e.image for e in examples], model.config.vision_config.image_size)
+    features_high = tower_features(model, [e.image for e in examples], model.config.highres_image_size)
+    log_path = out / "train_log.jsonl"
+    _log(log_path, {"stage": 2, "cached_images": len(examples), "seconds": round(time.perf_counter() - began, 1)})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if settings.stage2_train == "lora":
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, projector_lora_config(rank=settings.lora_rank,
+                                                                 alpha=2 * settings.lora_rank, dropout=0.0))
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    elif settings.stage2_train == "projector":
+        peft_model = None
+        trainable = list(model.multi_modal_projector.parameters())
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    else:
+        raise ValueError(f"stage2_train must be 'lora' or 'projector', got {settings.stage2_train!r}")
+    optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
+    order = np.random.default_rng(settings.seed).permutation(
+        np.concatenate([np.random.default_rng(settings.seed + epoch).permutation(len(examples))
+                        for epoch in range(-(-settings.stage2_steps * settings.stage2_batch // len(examples)))]))
+    warmup, running = max(1, settings.stage2_steps // 20), []
+    model.language_model.train()
+    for step in range(settings.stage2_steps):
+        rows = order[step * settings.stage2_batch:(step + 1) * settings.stage2_batch]
+        view = view_of_batch(settings, step)
+        visual, count = visual_tokens_for_view(model, features_low[rows], features_high[rows], view)
+        batch = noised_batch(builder, [examples[r].question for r in rows], [examples[r].answer for r in rows],
+                             count, model.config.text_config.mask_token_id, _seeded_generator(settings.seed, 3, step))
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, settings.stage2_steps, settings.stage2_lr, warmup)
+        loss = diffusion_loss(model, batch, visual)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == settings.stage2_steps:
+            _log(log_path, {"stage": 2, "step": step + 1, "loss": round(float(np.mean(running)), 4),
+                            "seconds": round(time.perf_counter() - began, 1)})
+            running = []
+    model.eval()
+    if peft_model is not None:
+        peft_model.save_pretrained(out / "adapter")
+        model = peft_model.merge_and_unload()
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model", overwrite=True)
+    return {"seconds": time.perf_counter() - began}
+
+
+# ---- quick validation (training-time checks on the val split) ------------------------------------------------
+@torch.inference_mode()
+def quick_accuracy(model, processor, examples: list[Example], vision_mode: str, budget=None, batch: int = 32) -> dict:
+    """Exact-match accuracy of `generate` on `examples` under a vision mode (and budget K for `shirg`)."""
+    from .compare import exact_match
+
+    correct = []
+    kwargs = {} if vision_mode != "shirg" else {"shirg_budget": budget}
+    for start in range(0, len(examples), batch):
+        chunk = examples[start:start + batch]
+        inputs = processor(images=[e.image for e in chunk], text=[build_prompt(e.question) for e in chunk],
+                           vision_mode=vision_mode, return_tensors="pt", **kwargs)
+        answers = processor.batch_decode(model.generate(**inputs))
+        correct += [exact_match(prediction, [e.answer]) for e, prediction in zip(chunk, answers)]
+    return {"accuracy": float(np.mean(correct)), "n": len(correct)}
+
+
+def resave(source: Path, dest: Path) -> None:
+    """Load a model folder and save it again with this version's code, config and processor (rebuilt from the
+    evidence tokenizer), e.g. a run folder written by an earlier shirg-hf."""
+    model = ShirgLavidaForDiffusionLM.from_pretrained(source).eval()
+    model.save_pretrained(dest)
+    evidence_processor(model.config, build_evidence_tokenizer()).save_pretrained(dest, overwrite=True)
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-evidence", help="train the tiny evidence model from scratch (stage 1 + projector-LoRA stage 2)",
+        description=__doc__.split("\n\n")[0],
+    )
+    defaults = EvidenceSettings()
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder (stage1/, adapter/, model/, logs)")
+    parser.add_argument("--base", metavar="DIR", help="skip stage 1: train stage 2 on this stage-1 model folder")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, noise and view draws")
+    parser.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps, help="stage-1 optimizer steps")
+    parser.add_argument("--stage1-batch", type=int, default=defaults.stage1_batch, help="stage-1 images per step")
+    parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
+                        help="train images whose tower features stage 2 caches")
+    parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="stage-2 optimizer steps")
+    parser.add_argument("--stage2-batch", type=int, default=defaults.stage2_batch, help="stage-2 rows per step")
+    parser.add_argument("--stage2-views", default=",".join(map(str, VIEWS)),
+                        help="views drawn per stage-2 batch: lowres, full and budgets K "
+                             "(default lowres,full,56,84,112)")
+    parser.add_argument("--stage2-train", default=defaults.stage2_train, choices=("lora", "projector"),
+                        help="train a projector LoRA (default) or the whole projector (a control)")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank r (alpha 2r)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.set_defaults(func=run)
+
+
+def parse_views(text: str) -> tuple:
+    views = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part in ("lowres", "full"):
+            views.append(part)
+        elif part.isdigit() and 16 <= int(part) <= 256:
+            views.append(int(part))
+        else:
+            raise ValueError(f"--stage2-views: {part!r} is not lowres, full or a budget K in [16, 256]")
+    if not views:
+        raise ValueError("--stage2-views is empty")
+    return tuple(views)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = EvidenceSettings(
+        seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
+        stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
+        stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
+    )
+    for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    out = Path(args.out).resolve()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n", encoding="utf-8")
+        began = time.perf_counter()
+        base = Path(args.base).resolve() if args.base else train_stage1(out, settings)
+        stage1_seconds = time.perf_counter() - began
+        result = train_stage2(base, out, settings)
+        timing = {"stage1_seconds": round(stage1_seconds, 1), "stage2_seconds": round(result["seconds"], 1),
+                  "threads": args.threads}
+        (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
+    finally:
+        torch.set_num_threads(previous)
+    print(f"train-evidence: stage 1 {timing['stage1_seconds']:.0f} s, stage 2 {timing['stage2_seconds']:.0f} s; "
+          f"merged model in {out / 'model'}")
+    return 0
+
+
+# ---- shipping ----------------------------------------------------------------------------------------------
+def ship(run_dir: Path, dest: Path, card: str | None = None) -> None:
+    """Save a run's merged model (root), stage-1 base (`stage1/`) and adapter (`adapter/`) into `dest`, the
+    package's `evidence_model` folder; `card` replaces the merged model's README.md."""
+    import shutil
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    resave(run_dir / "model", staging)
+    resave(run_dir / "stage1", staging / "stage1")
+    shutil.copytree(run_dir / "adapter", staging / "adapter")
+    adapter_config = staging / "adapter" / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+    settings["base_model_name_or_path"] = "stage1"  # the folder beside it, relative to the evidence model
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (staging / "adapter" / "README.md").unlink(missing_ok=True)
+    if card is not None:
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    for name in ("settings.json", "timing.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, staging / f"training_{name}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)

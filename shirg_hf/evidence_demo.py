@@ -1,0 +1,115 @@
+"""`shirg-hf demo` on the shipped evidence model: one test-style image, the native view, all high-res tokens and
+SHIRG at K side by side, with the picture of what each view sees."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .processing.processing_shirg_lavida import build_prompt
+
+DEMO_SEED_OFFSET = 1000  # demo images come from test-split seeds 1000 + --seed, never from a reported table
+PANEL = 256
+
+
+def evidence_model_path(part: str = "model") -> Path:
+    """Path of the shipped evidence model: `model` (merged LoRA, a save_pretrained folder), `stage1` (the base
+    before the projector LoRA) or `adapter` (the unmerged LoRA)."""
+    root = Path(__file__).resolve().parent / "evidence_model"
+    path = {"model": root, "stage1": root / "stage1", "adapter": root / "adapter"}.get(part)
+    if path is None:
+        raise ValueError(f"part must be 'model', 'stage1' or 'adapter', got {part!r}")
+    if not (path / ("adapter_config.json" if part == "adapter" else "config.json")).is_file():
+        raise FileNotFoundError(f"the evidence model's {part} folder is missing from this installation: {path}")
+    return path
+
+
+def demo_sample(seed: int):
+    """The first `detail` question of test-split seed DEMO_SEED_OFFSET + `seed`: (image, question, answer)."""
+    from .synth import generate_sample
+
+    for index in range(64):
+        sample = generate_sample("test", DEMO_SEED_OFFSET + seed, index)
+        if sample.row["question_type"] == "detail":
+            return sample.image, sample.row["question"], sample.row["answers"][0]
+    raise RuntimeError("no detail question among the first 64 rows")  # unreachable: 40-100 % of rows are detail
+
+
+def load_trained(model_dir: Path):
+    from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
+    from .processing.processing_shirg_lavida import ShirgLavidaProcessor
+
+    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir).eval()
+    return model, ShirgLavidaProcessor.from_pretrained(model_dir)
+
+
+@torch.inference_mode()
+def answer_views(model, processor, image: Image.Image, question: str, budget: int, repeats: int = 3) -> list[dict]:
+    """Answer under the native view, all high-res tokens and SHIRG at `budget`; seconds per answer are the median
+    of `repeats` runs after one warm-up run."""
+    from .demo import kv_cache_bytes
+
+    results = []
+    for name, mode in (("native view", "lowres"), ("all high-res tokens", "full"), (f"SHIRG K={budget}", "shirg")):
+        kwargs = {"shirg_budget": budget} if mode == "shirg" else {}
+        inputs = processor(images=[image], text=[build_prompt(question)], vision_mode=mode, return_tensors="pt",
+                           **kwargs)
+        answer_ids = model.generate(**inputs)
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            model.generate(**inputs)
+            seconds.append(time.perf_counter() - began)
+        prefix = int(inputs["attention_mask"].sum())
+        results.append({
+            "view": name, "mode": mode, "answer": processor.decode(answer_ids[0]).strip(),
+            "visual_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+            "prefix_tokens": prefix, "kv_cache_bytes": kv_cache_bytes(model.config, prefix, model.dtype),
+            "seconds": float(np.median(seconds)),
+        })
+    return results
+
+
+@torch.inference_mode()
+def kept_patches(model, processor, image: Image.Image, budget: int) -> np.ndarray:
+    pixels = processor(images=[image], text=[build_prompt("?")], vision_mode="shirg", shirg_budget=budget,
+                       return_tensors="pt")["pixel_values"]
+    selection = model.selector(model.vision_features(pixels), grid_size=model.config.highres_grid, budget=budget)
+    return selection.kept_indices[0].numpy()
+
+
+def demo_picture(image: Image.Image, native_side: int, grid: tuple[int, int], kept: np.ndarray, question: str,
+                 truth: str | None, results: list[dict]) -> Image.Image:
+    """Three panels (the image at the high-res side, what the native view gets, the kept tokens) and the answers."""
+    high = image.resize((PANEL, PANEL), Image.Resampling.NEAREST)
+    native = image.resize((native_side, native_side), Image.Resampling.BICUBIC).resize((PANEL, PANEL),
+                                                                                      Image.Resampling.NEAREST)
+    rows, cols = grid
+    mask = np.zeros(rows * cols, dtype=bool)
+    mask[kept] = True
+    cell = PANEL // cols
+    mask = mask.reshape(rows, cols).repeat(cell, 0).repeat(cell, 1)[..., None]
+    pixels = np.asarray(high, dtype=np.float32)
+    overlay = Image.fromarray(np.where(mask, pixels, pixels * 0.25 + 150).astype(np.uint8))
+    font = ImageFont.load_default(size=14)
+    margin, line = 12, 20
+    texts = [f"Q: {question}" + (f"   truth: {truth}" if truth is not None else "")]
+    texts += [f"{r['view']}: {r['answer']!r}  ({r['visual_tokens']} visual tokens, prefix {r['prefix_tokens']})"
+              + ("" if truth is None else ("  correct" if r["answer"].lower() == truth.lower() else "  wrong"))
+              for r in results]
+    header = 2 * line
+    canvas = Image.new("RGB", (3 * PANEL + 4 * margin, header + PANEL + margin + line * len(texts) + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    titles = (f"drawn at {image.width} px (high-res view)", f"native view ({native_side} px)",
+              f"SHIRG: {len(kept)} kept of {rows * cols} patches")
+    for index, (panel, title) in enumerate(zip((high, native, overlay), titles)):
+        x = margin + index * (PANEL + margin)
+        draw.text((x, margin // 2), title, fill="black", font=font)
+        canvas.paste(panel, (x, header))
+    for index, text in enumerate(texts):
+        draw.text((margin, header + PANEL + margin + index * line), text, fill="black", font=font)
+    return canvas
