@@ -88,9 +88,21 @@ def get_num_transfer_tokens(mask_count: int, steps: int) -> list[int]:
     return [base + 1 if step < remainder else base for step in range(steps)]
 
 
+def unit_linspace(points: int) -> torch.Tensor:
+    """`torch.linspace(0, 1, points)` as ATen's vectorised (FMA) CPU kernels compute it, on every CPU.  # [points]
+
+    The kernel fills the first half as `step * i` and the second as `1 - step * (points - 1 - i)` with a float32
+    step; with FMA the second half is rounded once, without it (ATen's scalar build) twice, which moves some t
+    by one ulp and changes truncated token counts. Exact float64 arithmetic then one rounding is the FMA result.
+    """
+    step = torch.tensor(1.0 / (points - 1), dtype=torch.float32).double()
+    index = torch.arange(points, dtype=torch.float64)
+    return torch.where(index < points // 2, step * index, 1.0 - step * (points - 1 - index)).float()
+
+
 def schedule_sigmas(schedule: str, steps: int, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
     """sigma(t) at t = linspace(0, 1, steps + 1) in float32, as the original computes it.  # [steps + 1]"""
-    t = torch.linspace(0, 1, steps + 1)
+    t = unit_linspace(steps + 1)
     if schedule == "shift":
         return shift * t / (1 + (shift - 1) * t)
     if schedule == "cosine":

@@ -151,3 +151,13 @@ def test_call_overrides_steps_and_step_ratio_are_exclusive():
 def test_unsupported_generate_arguments_are_rejected():
     with pytest.raises(ValueError, match=r"Unsupported generation argument\(s\) \['num_beams', 'top_p'\]"):
         DiffusionGenerationConfig.from_generation_config(DiffusionGenerationConfig(), num_beams=4, top_p=0.9)
+
+
+def test_unit_linspace_rounds_like_the_fma_kernel_on_every_cpu():
+    """t = 1 - step * 15 for 31 points is rounded once (0.49999997, as the golden tables need), not twice (0.5)."""
+    from shirg_hf.modeling.generation_diffusion import unit_linspace
+
+    t = unit_linspace(31)
+    assert t.dtype == torch.float32 and t[0] == 0 and t[-1] == 1
+    assert t[15] == torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))
+    assert torch.equal(t[:15], torch.tensor(1 / 30, dtype=torch.float32) * torch.arange(15, dtype=torch.float32))
