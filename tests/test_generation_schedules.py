@@ -155,6 +155,8 @@ def test_unsupported_generate_arguments_are_rejected():
 
 def test_unit_linspace_rounds_like_the_fma_kernel_on_every_cpu():
     """t = 1 - step * 15 for 31 points is rounded once (0.49999997, as the golden tables need), not twice (0.5)."""
+    import torch
+
     from shirg_hf.modeling.generation_diffusion import unit_linspace
 
     t = unit_linspace(31)
