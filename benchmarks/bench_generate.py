@@ -18,10 +18,15 @@ The answer-only steps multiply [B*L, D] matrices; on CPU such short GEMMs (64 ro
 60% of the throughput of the uncached path's [B*(P+L), D] ones, which is what separates batch 1 from theory.
 
 `--sampler` times the sampler's own work instead: a stand-in model replays fixed random logits (no network),
-so a whole `generate()` is the sampler (proposals, float64 scores, top-k writes, bookkeeping). The vectorised
-sampler and the per-row loop it replaced run side by side on the same logits and must give the same tokens.
+so a whole `generate()` is the sampler (proposals, float64 scores, top-k writes, bookkeeping), timed as process
+CPU time. The vectorised sampler and the per-row loop it replaced run side by side on the same logits and must
+give the same tokens.
 
     python benchmarks/bench_generate.py --sampler --threads 1 --batch-sizes 1 8
+
+glibc returns large freed buffers to the OS and page-faults them back at the next step, a cost that grows with
+the buffers' size (batched ones more than per-row ones); `MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=4294967296` before the command keeps freed memory and times the tensor work alone.
 """
 
 import argparse
@@ -149,12 +154,16 @@ def per_row_generate(model, input_ids, **settings) -> torch.Tensor:
 
 
 def bench_sampler(args):
-    """Vectorised sampler vs the per-row loop on replayed logits, best of `--repeats`, alternating."""
+    """Vectorised sampler vs the per-row loop on replayed logits, best of `--repeats`, alternating.
+
+    Times are the process's CPU time (with `--threads 1`, the sampler's own work, whatever else the machine runs).
+    """
     length, steps = args.answer_length, args.steps
     settings = dict(max_new_tokens=length, block_length=length, steps=steps, schedule="linear", temperature=0.0)
     print(f"sampler only (replayed logits); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"L = {length}, S = {steps}, one block, greedy low_confidence, best of {args.repeats}")
-    header = f"{'batch':>5} | {'vocab':>6} | {'per-row ms/step':>15} | {'vectorised ms/step':>18} | {'speedup':>7}"
+    header = (f"{'batch':>5} | {'vocab':>6} | {'per-row CPU ms/step':>19} | {'vectorised CPU ms/step':>22} | "
+              f"{'speedup':>7}")
     print(header)
     print("-" * len(header))
     for vocab_size in args.sampler_vocab_sizes:
@@ -164,14 +173,14 @@ def bench_sampler(args):
             best = {"per-row": math.inf, "vectorised": math.inf}
             for _ in range(args.repeats):
                 for name, run in (("per-row", per_row_generate), ("vectorised", diffusion_generate)):
-                    start = time.perf_counter()
+                    start = time.process_time()
                     run(model, input_ids, **settings)
-                    best[name] = min(best[name], time.perf_counter() - start)
+                    best[name] = min(best[name], time.process_time() - start)
             reference = per_row_generate(model, input_ids, **settings)
             if not torch.equal(reference, diffusion_generate(model, input_ids, **settings)):
                 raise SystemExit("the vectorised sampler and the per-row loop disagree")
             per_row, vectorised = (best[name] * 1000 / steps for name in ("per-row", "vectorised"))
-            print(f"{batch_size:>5} | {vocab_size:>6} | {per_row:>15.2f} | {vectorised:>18.2f} | "
+            print(f"{batch_size:>5} | {vocab_size:>6} | {per_row:>19.2f} | {vectorised:>22.2f} | "
                   f"{per_row / vectorised:>6.2f}x")
 
 
