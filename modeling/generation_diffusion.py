@@ -70,8 +70,21 @@ DIFFUSION_DEFAULTS = {
     "seed": 0,
 }
 # Fields of the base `GenerationConfig` that the sampler uses.
-SHARED_FIELDS = ("max_new_tokens", "temperature", "eos_token_id", "pad_token_id", "return_dict_in_generate")
+SHARED_FIELDS = ("max_new_tokens", "temperature", "do_sample", "eos_token_id", "pad_token_id",
+                 "return_dict_in_generate")
 GENERATE_ARGUMENTS = tuple(DIFFUSION_DEFAULTS) + SHARED_FIELDS
+# Autoregressive sampling / search flags of `GenerationConfig` that the sampler cannot honour, with their neutral
+# values (a stored config may hold those). Any other value is refused, never silently ignored.
+INAPPLICABLE_FLAGS = {
+    "top_k": None, "top_p": None, "min_p": None, "top_h": None, "typical_p": None, "epsilon_cutoff": None,
+    "eta_cutoff": None, "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "length_penalty": None, "diversity_penalty": None, "bad_words_ids": None, "force_words_ids": None,
+    "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_new_tokens": None,
+    "min_length": None, "max_length": None, "stop_strings": None,
+}
+# `do_sample=True` without a temperature samples at GenerationConfig's usual default.
+DEFAULT_SAMPLING_TEMPERATURE = 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,6 +214,8 @@ class DiffusionGenerationConfig(GenerationConfig):
         temperature (`float`, defaults to 0 = greedy, stored as `None`): Gumbel-max noise
             `exp(logits) / (-log u)^T` in float64 when > 0. Greedy by default so that outputs are
             deterministic and batch-invariant; the released demo samples at 0.1, the evaluation harness at 0.
+        do_sample (`bool`, *optional*): as in `GenerationConfig`: `False` = greedy whatever the temperature,
+            `True` = sample at `temperature` (1.0 when unset). Stored as `True` when sampling, else `None`.
         seed (`int` or `list[int]`, defaults to 0): seeds the noise of `temperature > 0` and of `"random"`
             remasking. Row b uses `seed + b` for an int, `seed[b]` for a list; pass a list of per-row seeds
             to make a row's sample independent of the batch it is in.
@@ -216,8 +231,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             per-step history, forward-pass counts and tokens per forward instead of the answer ids alone.
 
     Defaults are the released demo's (`predict.py`: L 64, one block of 64, step_ratio 0.5, `shift` s = 3)
-    except `temperature` (0 instead of 0.1, see above). The autoregressive sampling flags of
-    `GenerationConfig` (`do_sample`, `top_p`, `num_beams`, ...) do not apply and are rejected by `generate`.
+    except `temperature` (0 instead of 0.1, see above). The autoregressive sampling and search flags of
+    `GenerationConfig` (`top_k`, `top_p`, `num_beams`, `repetition_penalty`, ...) do not apply and are refused.
     """
 
     def __init__(self, **kwargs):
@@ -227,9 +242,18 @@ class DiffusionGenerationConfig(GenerationConfig):
             kwargs["max_new_tokens"] = 64
         # Greedy is stored as `temperature=None` and sampling as `do_sample=True`, so that a plain
         # `GenerationConfig` loading this file (as `from_pretrained` does) sees no "temperature without
-        # do_sample" conflict. `temperature` 0 and None both mean greedy.
-        temperature = kwargs.get("temperature")
+        # do_sample" conflict. `temperature` 0 and None both mean greedy; `do_sample=False` means greedy.
+        temperature, do_sample = kwargs.get("temperature"), kwargs.get("do_sample")
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True, False or None, got {do_sample!r}.")
+        if do_sample is False:
+            temperature = None
+        elif do_sample and temperature is None:
+            temperature = DEFAULT_SAMPLING_TEMPERATURE
         is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+        if do_sample and is_number and temperature == 0:
+            raise ValueError("do_sample=True with temperature=0: sampling needs a temperature > 0 (or pass "
+                             "do_sample=False for greedy decoding).")
         kwargs["temperature"] = None if is_number and temperature == 0 else temperature
         kwargs["do_sample"] = True if is_number and temperature > 0 else None
         super().__init__(**kwargs)
@@ -253,7 +277,9 @@ class DiffusionGenerationConfig(GenerationConfig):
         """Convert any `GenerationConfig` (e.g. the plain one `from_pretrained` loads) and apply overrides.
 
         Diffusion fields keep their stored values (`None` included); unset (`None`) base fields fall back to
-        the diffusion defaults. In `overrides`, passing `steps` drops `step_ratio` and vice versa.
+        the diffusion defaults. In `overrides`, passing `steps` drops `step_ratio` and vice versa, and
+        `temperature` or `do_sample` alone replaces the stored pair (`do_sample=False` = greedy; `True` keeps a
+        stored temperature). Sampling and search flags the sampler cannot honour are refused (`ValueError`).
         """
         unsupported = sorted(set(overrides) - set(GENERATE_ARGUMENTS))
         if unsupported:
@@ -264,10 +290,26 @@ class DiffusionGenerationConfig(GenerationConfig):
         values = {key: value for key, value in config.to_dict().items()
                   if not key.startswith("_") and key != "transformers_version"
                   and (value is not None or key in DIFFUSION_DEFAULTS)}
+        inapplicable = sorted(key for key, neutral in INAPPLICABLE_FLAGS.items()
+                              if values.get(key, neutral) not in (None, neutral))
+        if inapplicable:
+            raise ValueError(
+                f"The generation config sets {', '.join(f'{key}={values[key]!r}' for key in inapplicable)}, which "
+                "the masked-diffusion sampler cannot honour; unset them (diffusion settings: "
+                f"{sorted(GENERATE_ARGUMENTS)})."
+            )
         if overrides.get("steps") is not None and "step_ratio" not in overrides:
             values["step_ratio"] = None
         if overrides.get("step_ratio") is not None and "steps" not in overrides:
             values["steps"] = None
+        if "temperature" in overrides and "do_sample" not in overrides:
+            values.pop("do_sample", None)
+        if overrides.get("do_sample") is not None and "temperature" not in overrides:
+            values["do_sample"] = overrides["do_sample"]
+        elif overrides.get("do_sample") is False and _is_number(overrides.get("temperature")) \
+                and overrides["temperature"] > 0:
+            raise ValueError(f"do_sample=False (greedy) contradicts temperature={overrides['temperature']} "
+                             "(sampling): pass one of them.")
         return cls(**{**values, **overrides})
 
     def validate(self, strict=False, user_set_attributes=None):
@@ -639,19 +681,46 @@ def _row_generators(config: DiffusionGenerationConfig, batch_size: int, device) 
 # ----------------------------------------------------------------------------------------------------------
 
 
+class StablePrefixStreamer:
+    """Feeds a transformers streamer (`TextStreamer`, `TextIteratorStreamer`, any `BaseStreamer`) as diffusion
+    decodes: positions are written out of order, so each `put` sends the tokens that extend the leftmost
+    contiguous run of decoded positions (final, since decoded tokens are never re-masked)."""
+
+    def __init__(self, streamer, prompt_ids: torch.LongTensor | None, mask_token_id: int):
+        self.streamer, self.mask_token_id, self.sent = streamer, mask_token_id, 0
+        if prompt_ids is not None:  # as transformers' generate: the prompt first (`skip_prompt` drops it)
+            streamer.put(prompt_ids.cpu())
+
+    def update(self, answer: torch.LongTensor) -> None:
+        """Send the newly stable tokens of `answer` [1, L]."""
+        masked = (answer[0] == self.mask_token_id).nonzero()
+        stable = int(masked[0]) if len(masked) else answer.shape[1]
+        if stable > self.sent:
+            self.streamer.put(answer[0, self.sent:stable].cpu())
+            self.sent = stable
+
+    def end(self, answer: torch.LongTensor) -> None:
+        self.update(answer)
+        self.streamer.end()
+
+
 @torch.no_grad()
 def diffusion_generate(model, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                       streamer=None, prompt_ids: torch.LongTensor | None = None,
                        **kwargs) -> torch.LongTensor | DiffusionGenerationOutput:
     """Generate `max_new_tokens` answer ids for a prefix given as `input_ids` [B, P] or `inputs_embeds` [B, P, D].
 
     `attention_mask` [B, P] marks padding (left or right). `kwargs` override fields of the generation config
-    (see `DiffusionGenerationConfig`). Returns the answer ids [B, max_new_tokens], or a
-    `DiffusionGenerationOutput` when `return_dict_in_generate=True`. All arguments are validated before any
-    forward pass.
+    (see `DiffusionGenerationConfig`). `streamer` (batch size 1) receives the prompt ids (`input_ids`, or
+    `prompt_ids` with `inputs_embeds`), then each newly stable prefix of the answer (`StablePrefixStreamer`),
+    then `end()`. Returns the answer ids [B, max_new_tokens], or a `DiffusionGenerationOutput` when
+    `return_dict_in_generate=True`. All arguments are validated before any forward pass.
     """
     config = resolve_generation_config(model, generation_config, **kwargs)
     _check_inputs(model, config, input_ids, inputs_embeds, attention_mask)
+    if streamer is not None and (input_ids if input_ids is not None else inputs_embeds).shape[0] != 1:
+        raise ValueError("A streamer takes one sequence: pass a batch of one row when streaming.")
     prefix = input_ids if input_ids is not None else inputs_embeds
     batch_size, device = prefix.shape[0], prefix.device
     mask_id, length = config.mask_token_id, config.max_new_tokens
@@ -668,6 +737,8 @@ def diffusion_generate(model, input_ids: torch.LongTensor | None = None, inputs_
 
     denoiser = Denoiser(model, input_ids, inputs_embeds, attention_mask, config.use_prefix_cache)
     answer = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)  # [B, L]
+    stream = None if streamer is None else StablePrefixStreamer(
+        streamer, input_ids if input_ids is not None else prompt_ids, mask_id)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
     passes = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] denoising passes per row
     decoded = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] tokens decoded per row
@@ -697,7 +768,11 @@ def diffusion_generate(model, input_ids: torch.LongTensor | None = None, inputs_
                 answer, finished = finish_rows(answer, finished, mask_id, stop_ids, config.pad_token_id)
             if config.return_dict_in_generate:
                 history.append(answer.clone())
+            if stream is not None:
+                stream.update(answer)
 
+    if stream is not None:
+        stream.end(answer)
     if not config.return_dict_in_generate:
         return answer
     return DiffusionGenerationOutput(
@@ -716,6 +791,7 @@ __all__ = [
     "DiffusionGenerationOutput",
     "REMASKING_STRATEGIES",
     "SCHEDULES",
+    "StablePrefixStreamer",
     "diffusion_generate",
     "get_named_schedule_tokens",
     "get_num_transfer_tokens",

@@ -151,6 +151,16 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
             )
         return (model, loading_info) if output_loading_info else model
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a remote-code save also maps `AutoModelForImageTextToText` (the
+        `image-text-to-text` pipeline's class) to this class next to `AutoModel`."""
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            module = type(self).__module__.rpartition(".")[2]
+            auto_map.setdefault("AutoModelForImageTextToText", f"{module}.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
@@ -285,6 +295,9 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
                 raise ValueError(f"input_ids contain {int(image_positions.sum())} image tokens (id {image_token_id}) "
                                  "but no pixel_values were given.")
             return inputs_embeds, None
+        vision_mode, selection_method, shirg_budget = (
+            _batch_setting(name, value) for name, value in (
+                ("vision_mode", vision_mode), ("selection_method", selection_method), ("shirg_budget", shirg_budget)))
         mode = get_vision_mode(vision_mode or self.config.vision_mode)
         if mode.selects:
             shirg_budget = self.config.selection["budget"] if shirg_budget is None else int(shirg_budget)
@@ -407,6 +420,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         selection_method: str | None = None,
         selection_inputs: dict | None = None,
         generation_config=None,
+        streamer=None,
         **kwargs,
     ):
         """Answer ids [B, max_new_tokens] for processor outputs (image + prompt, left-padded batches welcome).
@@ -415,7 +429,9 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         is cached once, and every diffusion step runs only the answer tokens against that read-only cache.
         `kwargs` override `self.generation_config` (a `DiffusionGenerationConfig`: `max_new_tokens`,
         `block_length`, `steps` / `step_ratio`, `schedule`, `remasking`, `temperature`, `stop_at_eos`, ...).
-        `vision_mode`, `selection_method` and `shirg_budget` come with the processor's output.
+        `vision_mode`, `selection_method` and `shirg_budget` come with the processor's output. `streamer` (a
+        transformers `TextStreamer` / `TextIteratorStreamer`, batch of one) gets the prompt ids, then the answer's
+        stable prefix as diffusion decodes it, then `end()`.
         """
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the processor's output) and, for images, pixel_values.")
@@ -424,8 +440,20 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         return diffusion_generate(
             self.language_model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             generation_config=generation_config if generation_config is not None else self.generation_config,
-            **kwargs,
+            streamer=streamer, prompt_ids=input_ids, **kwargs,
         )
+
+
+def _batch_setting(name: str, value):
+    """One value of a per-batch setting; a list of per-row copies (batches collated from single processor
+    outputs, as pipelines build them) must hold one value."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    values = set(value)
+    if len(values) != 1:
+        raise ValueError(f"{name} differs between the rows of the batch ({sorted(map(str, values))}); one batch "
+                         "runs one setting: process rows with different settings in separate calls.")
+    return value[0]
 
 
 # ---- torch halves of the built-in vision modes ------------------------------------------------------------

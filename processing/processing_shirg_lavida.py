@@ -14,6 +14,7 @@ import tempfile
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from .image_processing_shirg import ShirgImageProcessor, flatten_images
 from .visual_tokens import (
@@ -48,10 +49,18 @@ LAVIDA_SYSTEM_PROMPT = (
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 
-# LLaDA-8B-Instruct's chat template (Llama-3 headers): every message content is whitespace-trimmed, the BOS
-# token precedes the first message only, and the assistant header is ALWAYS appended (as in the original,
-# whatever `add_generation_prompt` says). Content given as a list renders image items as "<image>\n".
+LLADA_BOS_TOKEN = "<|startoftext|>"
+
+# LLaDA-8B-Instruct's chat template (Llama-3 headers) with LaViDa's system prompt: a conversation that does not
+# start with a system message gets LAVIDA_SYSTEM_PROMPT as one (the template variable `system_prompt` replaces
+# it; `system_prompt=None` leaves it out). Every message content is whitespace-trimmed, the BOS token precedes
+# the first message only, and the assistant header is ALWAYS appended (as in the original, whatever
+# `add_generation_prompt` says). Content given as a list renders image items as "<image>\n".
 LLADA_CHAT_TEMPLATE = (
+    "{%- if system_prompt is not defined -%}{%- set system_prompt = '" + LAVIDA_SYSTEM_PROMPT + "' -%}{%- endif -%}"
+    "{%- if system_prompt is not none and messages[0]['role'] != 'system' -%}"
+    "{%- set messages = [{'role': 'system', 'content': system_prompt}] + messages -%}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}"
     "{%- set text = message['content'] -%}"
@@ -73,19 +82,18 @@ LLADA_CHAT_TEMPLATE = (
 
 
 def build_prompt(question: str, system_prompt: str | None = LAVIDA_SYSTEM_PROMPT, with_image: bool = True) -> str:
-    """LaViDa's single-turn prompt string (the chat template's output, BOS `<|startoftext|>` included).
+    """LaViDa's single-turn prompt string: the chat template (`LLADA_CHAT_TEMPLATE`, as `apply_chat_template`
+    renders it) of one user message, BOS `<|startoftext|>` included.
 
-    With `with_image` the user turn starts with "<image>\\n" unless the question already has a placeholder
+    With `with_image` the user turn starts with "<image>\n" unless the question already has a placeholder
     (LaViDa's evaluation harness does the same).
     """
-    user = question.strip()
-    if with_image and IMAGE_PLACEHOLDER not in user:
-        user = f"{IMAGE_PLACEHOLDER}\n{user}"
-    messages = ([("system", system_prompt)] if system_prompt is not None else []) + [("user", user)]
-    turns = "".join(
-        f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>" for role, content in messages
-    )
-    return f"<|startoftext|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    question = question.strip()
+    content = [{"type": "image"}, {"type": "text", "text": question}] \
+        if with_image and IMAGE_PLACEHOLDER not in question else question
+    prompts, _ = render_jinja_template([[{"role": "user", "content": content}]], chat_template=LLADA_CHAT_TEMPLATE,
+                                       bos_token=LLADA_BOS_TOKEN, system_prompt=system_prompt)
+    return prompts[0]
 
 
 class ShirgLavidaProcessor(ProcessorMixin):
@@ -163,8 +171,9 @@ class ShirgLavidaProcessor(ProcessorMixin):
         values read from the config (e.g. `drop_token_after_image=False`).
         """
         settings = dict(vision_mode=config.vision_mode, geometry=config.geometry.to_dict(),
-                        selection=dict(config.selection), image_token=IMAGE_PLACEHOLDER)
+                        selection=dict(config.selection), image_token=IMAGE_PLACEHOLDER, chat_template=LLADA_CHAT_TEMPLATE)
         settings.update(kwargs)
+        tokenizer.chat_template = settings["chat_template"]  # one template: tokenizer and processor agree
         image_token = settings["image_token"]
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"extra_special_tokens": [image_token]}, replace_extra_special_tokens=False)
@@ -425,4 +434,4 @@ def _remove_stale_staging(target: str) -> None:
             continue
 
 
-__all__ = ["LAVIDA_SYSTEM_PROMPT", "LLADA_CHAT_TEMPLATE", "ShirgLavidaProcessor", "build_prompt"]
+__all__ = ["LAVIDA_SYSTEM_PROMPT", "LLADA_BOS_TOKEN", "LLADA_CHAT_TEMPLATE", "ShirgLavidaProcessor", "build_prompt"]

@@ -5,7 +5,7 @@ remote-code export (`register_for_auto_class`), so `save_pretrained` folders loa
 `trust_remote_code=True` even where this package is not installed.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.configuration_llada import LladaConfig
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
@@ -40,6 +40,7 @@ AutoModel.register(LladaConfig, LladaForMaskedDiffusion, exist_ok=True)
 LladaForMaskedDiffusion.register_for_auto_class("AutoModel")
 ShirgLavidaConfig.register_for_auto_class()
 AutoModel.register(ShirgLavidaConfig, ShirgLavidaForDiffusionLM, exist_ok=True)
+AutoModelForImageTextToText.register(ShirgLavidaConfig, ShirgLavidaForDiffusionLM, exist_ok=True)
 ShirgLavidaForDiffusionLM.register_for_auto_class("AutoModel")
 AutoImageProcessor.register(ShirgLavidaConfig, image_processor_classes={"pil": ShirgImageProcessor}, exist_ok=True)
 AutoProcessor.register(ShirgLavidaConfig, ShirgLavidaProcessor, exist_ok=True)

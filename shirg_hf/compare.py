@@ -44,6 +44,7 @@ from .evaluation import (
     DTYPES, PREDICTIONS_NAME, add_decoding_arguments, bad_images_message, find_bad_images, model_fingerprint,
     prepare_output, read_model_config, read_predictions, resolve_generation_config,
 )
+from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_file, exclusive_lock, write_json_atomically
 from .modeling.visual_tokens import (
     DEFAULT_VISION_MODE, get_selection_method, get_vision_mode, num_image_tokens, selection_method_names,
@@ -425,8 +426,7 @@ def load_model(model_dir: Path, adapter_dir: Path | None, config, dtype: str, de
 
     from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -492,6 +492,7 @@ def run_compare(
     _check_positive("limit", limit)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolve_device(device)  # a bad --device fails before any work
     if recall_only and (model_dir is None) == (tower is None):
         raise ValueError(f"--recall-only needs one of --model DIR or --tower DIR-or-{'/'.join(TOWER_PRESETS)}")
     if not recall_only and tower is not None:
@@ -546,7 +547,7 @@ def run_compare(
         if bad:
             raise ValueError(bad_images_message(bad, ids, data_path))
         if todo:
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = resolve_device(device)
             with open(predictions_path, "a", encoding="utf-8") as stream:
                 if recall_only:
                     _select_only(dataset, data_path, ids, parsed, pending, config, tower or str(model_dir), device,
@@ -697,8 +698,7 @@ def register(subparsers) -> None:
     parser.add_argument("--block-length", type=int, help="diffusion block length (default: the model's)")
     parser.add_argument("--step-ratio", type=float, help="denoising steps per block / block length")
     add_decoding_arguments(parser)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: as saved)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_device_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard the results in --out and start over")
     parser.set_defaults(func=run)
 

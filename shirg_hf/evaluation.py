@@ -33,6 +33,7 @@ from .data import (
     sha256_of_files,
     with_answers,
 )
+from .devices import DTYPES, add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_folder, exclusive_lock, write_json_atomically
 from .metrics import METRICS, get_metric
 from .processing.image_processing_shirg import load_image
@@ -41,7 +42,6 @@ from .validation import check_model_files
 RUN_CONFIG_NAME = "run_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 METRICS_NAME = "metrics.json"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -248,6 +248,7 @@ def run_eval(
         raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolve_device(device)  # a bad --device fails before any work
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"--on-bad-image {on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
     config = read_model_config(model_dir)
@@ -293,9 +294,8 @@ def run_eval(
             pending = [row for row in pending if row not in bad]
 
         if pending:
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-            model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+            device = resolve_device(device)
+            model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype)).to(device).eval()
             processor = AutoProcessor.from_pretrained(model_dir)
             budget_kwargs = {} if budget is None else {"shirg_budget": budget}
             bar = tqdm(total=len(wanted), initial=len(wanted) - len(pending), desc="eval", unit="question",
@@ -380,8 +380,7 @@ def register(subparsers) -> None:
     add_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N questions")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: as saved)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_device_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard the results in --out and start over")
     parser.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="error",
                         help="an unreadable image: stop before loading the model, listing them (error, default), or "

@@ -37,6 +37,10 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 # settings (shown as extra rows of the model card). Without it the card says "not recorded".
 TRAINING_RECORD_NAME = "training_record.json"
 NOT_RECORDED = "not recorded"
+# Everything the remote code imports (transformers brings tokenizers and safetensors; jinja2 renders the chat
+# template; accelerate is needed only for `device_map="auto"`).
+RUNTIME_REQUIREMENTS = ("`torch>=2.4`, `transformers>=5.24,<5.30`, `tokenizers`, `safetensors`, `Pillow>=10.0`, "
+                        "`numpy`, `jinja2`; `accelerate` for `device_map=\"auto\"`")
 CARD_TAGS = ["shirg", "lavida", "llada", "diffusion", "vision-language", "lora"]
 
 
@@ -175,27 +179,21 @@ def build_model_card(config, adapter_config: dict | None = None, record: dict | 
                   f"**`AutoModel` alone loads the base model**; the LoRA adapter is unmerged in `{ADAPTER_SUBFOLDER}/` "
                   "and is applied with "
                   f"`PeftModel.from_pretrained(model, repo, subfolder=\"{ADAPTER_SUBFOLDER}\")`.\n\n")
-        record = record or {}
-        rows = [
-            ("LoRA rank r", adapter_config.get("r")),
-            ("LoRA alpha", adapter_config.get("lora_alpha")),
-            ("LoRA dropout", adapter_config.get("lora_dropout")),
-            ("target modules", adapter_config.get("target_modules")),
-            ("budgets trained on (K)", record.get("budgets")),
-            ("training data", record.get("dataset")),
-        ]
-        rows += [(key, value) for key, value in sorted(record.items()) if key not in ("budgets", "dataset")]
-        lora_table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
-        fine_tuning = f"\n## Fine-tuning\n\n| setting | value |\n|---|---|\n{lora_table}\n"
+        fine_tuning = fine_tuning_table(adapter_config, record)
     body = f"""
 # {title}
 
 {intro}
-The code ships in this repo: loading needs `transformers` and `torch`{"" if merged else " (and `peft`)"}.
+The code ships in this repo (`trust_remote_code=True`). Runtime requirements: {RUNTIME_REQUIREMENTS}{"" if merged
+else ", `peft`"}.
 
 {layout}```python
 {usage_snippet(repo, merged)}
 ```
+
+The `image-text-to-text` pipeline takes chat messages (the chat template adds LaViDa's system prompt):
+`pipeline("image-text-to-text", model=repo, trust_remote_code=True)(text=[{{"role": "user", "content": [{{"type":
+"image", "url": "image.png"}}, {{"type": "text", "text": "What is written on the sign?"}}]}}], max_new_tokens=32)`.
 
 ## Vision front end and token selection
 
@@ -214,11 +212,62 @@ Pass `shirg_budget=K` to the processor to use another budget; its output carries
     return f"---\n{metadata.to_yaml()}\n---\n{body}"
 
 
+def fine_tuning_table(adapter_config: dict, record: dict | None) -> str:
+    """The "Fine-tuning" section: LoRA settings, budgets, data, and every other recorded number."""
+    record = record or {}
+    rows = [
+        ("LoRA rank r", adapter_config.get("r")),
+        ("LoRA alpha", adapter_config.get("lora_alpha")),
+        ("LoRA dropout", adapter_config.get("lora_dropout")),
+        ("target modules", adapter_config.get("target_modules")),
+        ("budgets trained on (K)", record.get("budgets")),
+        ("training data", record.get("dataset")),
+    ]
+    rows += [(key, value) for key, value in sorted(record.items()) if key not in ("budgets", "dataset")]
+    lora_table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+    return f"\n## Fine-tuning\n\n| setting | value |\n|---|---|\n{lora_table}\n"
+
+
+def build_adapter_card(adapter_config: dict, record: dict | None, base: str) -> str:
+    """The README.md of a LoRA adapter folder (`shirg-hf train --output_dir`): its base (Hub id or absolute
+    path), how to load it, and the fine-tuning table."""
+    from huggingface_hub import ModelCardData
+
+    metadata = ModelCardData(library_name="peft", base_model=base if is_hub_repo_id(base) else None,
+                             tags=CARD_TAGS + ["peft"], pipeline_tag="image-text-to-text")
+    targets = adapter_config.get("target_modules")
+    body = f"""
+# SHIRG-LaViDa projector LoRA
+
+A LoRA adapter (rank {adapter_config.get("r")}, targets {_cell(sorted(targets) if targets else None)}) for the
+SHIRG-LaViDa model at `{base}`, trained by [shirg-hf](https://pypi.org/project/shirg-hf/) `train`.
+Runtime requirements: {RUNTIME_REQUIREMENTS}, `peft`.
+
+```python
+from peft import PeftModel
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained({json.dumps(base)}, trust_remote_code=True)
+model = PeftModel.from_pretrained(model, "path/to/this/folder").merge_and_unload()
+```
+{fine_tuning_table(adapter_config, record)}"""
+    return f"---\n{metadata.to_yaml()}\n---\n{body}"
+
+
+def write_adapter_card(folder, adapter_config, base: str, record: dict | None) -> None:
+    """Replace peft's template README.md of an adapter folder with `build_adapter_card`."""
+    settings = adapter_config.to_dict() if hasattr(adapter_config, "to_dict") else dict(adapter_config)
+    (Path(folder) / MODEL_CARD_NAME).write_text(build_adapter_card(settings, record, base), encoding="utf-8")
+
+
 def save_model_folder(model, processor, folder) -> None:
     """`save_pretrained` of the model and its processor into `folder`, plus the model card (README.md)."""
+    from .fileio import apply_default_permissions
+
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     (Path(folder) / MODEL_CARD_NAME).write_text(build_model_card(model.config), encoding="utf-8")
+    apply_default_permissions(folder)
 
 
 def saved_dtype(config):

@@ -152,13 +152,17 @@ def recover(dst: Path) -> None:
         _remove(entry)
 
 
-def _apply_default_permissions(folder: Path) -> None:
-    """Give a staged folder and its files the modes plain `mkdir`/`open` would (mkdtemp makes them private)."""
+def apply_default_permissions(path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes plain `mkdir`/`open` give under the
+    user's umask: `mkdtemp`/`mkstemp` and safetensors' writer make files private (0600)."""
+    path = Path(path)
     umask = os.umask(0)
     os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    for entry in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+_apply_default_permissions = apply_default_permissions
 
 
 # ---- writers -------------------------------------------------------------------------------------------------

@@ -5,17 +5,17 @@ import time
 
 import torch
 
+from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .validation import check_model_source
 from .processing.image_processing_shirg import load_image
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-def load_model_and_processor(model_path: str, dtype: torch.dtype = torch.float32):
-    """A `ShirgLavidaForDiffusionLM` and its processor from a save_pretrained folder or repo id."""
+def load_model_and_processor(model_path: str, dtype: torch.dtype | str = "auto", device="cpu"):
+    """A `ShirgLavidaForDiffusionLM` (in `dtype`, default as saved, on `device`) and its processor from a
+    save_pretrained folder or repo id."""
     from transformers import AutoModel, AutoProcessor
 
-    model = AutoModel.from_pretrained(model_path, dtype=dtype).eval()
+    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
     if model.config.model_type != "shirg_lavida":
         raise ValueError(f"{model_path} holds a {model.config.model_type!r} model; `generate` needs a shirg_lavida "
                          "model folder (from `shirg-hf demo --out`, `convert-lavida` or `export`).")
@@ -28,6 +28,7 @@ def answer_question(model, processor, image, question: str, budget: int | None =
 
     budget_kwargs = {"shirg_budget": budget} if budget is not None else {}
     inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt", **budget_kwargs)
+    inputs = inputs.to(model.device)
     started = time.perf_counter()
     with torch.inference_mode():
         answer_ids = model.generate(**inputs, **generate_kwargs)
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length L (default 32)")
     parser.add_argument("--block-length", type=int, help="diffusion block length (default: L)")
     parser.add_argument("--step-ratio", type=float, default=0.5, help="steps per block / block length (default 0.5)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
+    add_device_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
     check_model_source(args.model)
+    device = resolve_device(args.device)
     image = load_image(args.image)
-    model, processor = load_model_and_processor(args.model, DTYPES[args.dtype])
+    model, processor = load_model_and_processor(args.model, resolve_dtype(args.dtype), device)
     result = answer_question(model, processor, image, args.question, args.budget,
                              max_new_tokens=args.max_new_tokens, block_length=args.block_length or args.max_new_tokens,
                              step_ratio=args.step_ratio)

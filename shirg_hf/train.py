@@ -25,7 +25,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import absolute_image_paths, load_vqa_data, with_answers
-from .fileio import write_json_atomically
+from .export import write_adapter_card
+from .fileio import apply_default_permissions, write_json_atomically
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 from .processing.processing_shirg_lavida import ShirgLavidaProcessor
@@ -107,7 +108,7 @@ def load_base(script_args: ScriptArguments, training_args: TrainingArguments):
         torch.manual_seed(training_args.seed)  # every process builds the same random weights
         model = ShirgLavidaForDiffusionLM(config)
         processor = ShirgLavidaProcessor.from_model_config(config, build_tiny_tokenizer())
-        return model, processor, str(Path(training_args.output_dir) / "base-model")
+        return model, processor, str(Path(training_args.output_dir).resolve() / "base-model")
     base_dir = Path(script_args.base)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"--base '{base_dir}' is not a saved model folder (no config.json); pass a folder "
@@ -124,7 +125,7 @@ def load_base(script_args: ScriptArguments, training_args: TrainingArguments):
         raise ValueError(f"the processor in '{base_dir}' (vision mode, high-res patches, image token id) = {found} "
                          f"does not match the model's {expected}; save ShirgLavidaProcessor.from_model_config(config, "
                          "tokenizer) with the model.")
-    return model, processor, str(base_dir)
+    return model, processor, str(base_dir.resolve())  # absolute: the adapter must find it from anywhere
 
 
 def load_datasets(script_args: ScriptArguments, seed: int):
@@ -278,6 +279,13 @@ def main(argv=None) -> ShirgDiffusionTrainer:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            record["eval_loss"] = metrics.get("eval_loss")
+            write_json_atomically(Path(training_args.output_dir) / TRAINING_RECORD_NAME, record)
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        write_adapter_card(output_dir, model.peft_config["default"], base_path, record)
+        apply_default_permissions(output_dir)
     if script_args.sample_log:
         log_dir = Path(training_args.output_dir) / "sample_log"
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_file
 from .modeling.selection_shirg import ShirgSelector
 from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, get_selection_method, selection_method_names
@@ -168,14 +169,15 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tower and of the random baseline")
     parser.add_argument("--out", required=True, help="output PNG path")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_device_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def _features_from_model(model_path: str, image: Image.Image):
+def _features_from_model(model_path: str, image: Image.Image, dtype="auto", device="cpu"):
     """Raw high-res tower features [1, N, D], grid size and selection settings of a saved model."""
     from transformers import AutoModel, AutoProcessor
 
-    model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
     if model.config.model_type != "shirg_lavida":
         raise ValueError(f"{model_path} holds a {model.config.model_type!r} model; --model needs a shirg_lavida "
                          "folder (from `shirg-hf demo --out`, `convert-lavida` or `export`).")
@@ -183,7 +185,7 @@ def _features_from_model(model_path: str, image: Image.Image):
     side = model.config.highres_image_size
     pixel_values = image_processor(image, size={"height": side, "width": side}, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
-        features = model.vision_features(pixel_values)  # [1, N, D]
+        features = model.vision_features(pixel_values.to(device, model.dtype))  # [1, N, D]
     return features, model.config.highres_grid, model.config.selection
 
 
@@ -197,16 +199,20 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if args.model:
         check_model_source(args.model)
+    device = resolve_device(args.device)
     image = load_image(args.image)
     if args.model:
-        features, grid_size, selection_config = _features_from_model(args.model, image)
+        features, grid_size, selection_config = _features_from_model(args.model, image, resolve_dtype(args.dtype),
+                                                                     device)
         note = f"model: {args.model}"
     else:
         grid_size = (args.grid, args.grid)
         selection_config = {**DEFAULT_SELECTION, "budget": RANDOM_TOWER_BUDGET}
-        tower = random_tiny_tower(args.grid * PATCH_SIZE, args.seed)
-        features = tower_features(tower, pixel_values_for(image, args.grid * PATCH_SIZE))  # [1, N, D]
+        dtype = resolve_dtype(args.dtype, in_memory=True)
+        tower = random_tiny_tower(args.grid * PATCH_SIZE, args.seed).to(device, dtype)
+        features = tower_features(tower, pixel_values_for(image, args.grid * PATCH_SIZE).to(device, dtype))  # [1, N, D]
         note = "RANDOM WEIGHTS: randomly initialised tiny SigLIP (untrained) - shows the mechanics, not a trained model"
+    features = features.float().cpu()  # selection and the picture in float32 on the CPU
     method = args.method or selection_config["method"]
     budget = args.budget if args.budget is not None else selection_config["budget"]
     coverage = tuple(args.coverage or selection_config["coverage_cells"])
