@@ -39,11 +39,11 @@ def demo_sample(seed: int):
     raise RuntimeError("no detail question among the first 64 rows")  # unreachable: 40-100 % of rows are detail
 
 
-def load_trained(model_dir: Path):
+def load_trained(model_dir: Path, device="cpu", dtype="auto"):
     from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
     from .processing.processing_shirg_lavida import ShirgLavidaProcessor
 
-    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir).eval()
+    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     return model, ShirgLavidaProcessor.from_pretrained(model_dir)
 
 
@@ -57,7 +57,7 @@ def answer_views(model, processor, image: Image.Image, question: str, budget: in
     for name, mode in (("native view", "lowres"), ("all high-res tokens", "full"), (f"SHIRG K={budget}", "shirg")):
         kwargs = {"shirg_budget": budget} if mode == "shirg" else {}
         inputs = processor(images=[image], text=[build_prompt(question)], vision_mode=mode, return_tensors="pt",
-                           **kwargs)
+                           **kwargs).to(model.device)
         answer_ids = model.generate(**inputs)
         seconds = []
         for _ in range(repeats):
@@ -77,9 +77,9 @@ def answer_views(model, processor, image: Image.Image, question: str, budget: in
 @torch.inference_mode()
 def kept_patches(model, processor, image: Image.Image, budget: int) -> np.ndarray:
     pixels = processor(images=[image], text=[build_prompt("?")], vision_mode="shirg", shirg_budget=budget,
-                       return_tensors="pt")["pixel_values"]
+                       return_tensors="pt")["pixel_values"].to(model.device)
     selection = model.selector(model.vision_features(pixels), grid_size=model.config.highres_grid, budget=budget)
-    return selection.kept_indices[0].numpy()
+    return selection.kept_indices[0].cpu().numpy()
 
 
 def demo_picture(image: Image.Image, native_side: int, grid: tuple[int, int], kept: np.ndarray, question: str,

@@ -235,11 +235,12 @@ def build_adapter_card(adapter_config: dict, record: dict | None, base: str) -> 
 
     metadata = ModelCardData(library_name="peft", base_model=base if is_hub_repo_id(base) else None,
                              tags=CARD_TAGS + ["peft"], pipeline_tag="image-text-to-text")
-    targets = adapter_config.get("target_modules")
+    targets = adapter_config.get("target_modules")  # a regex string or a list of module names
+    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
     body = f"""
 # SHIRG-LaViDa projector LoRA
 
-A LoRA adapter (rank {adapter_config.get("r")}, targets {_cell(sorted(targets) if targets else None)}) for the
+A LoRA adapter (rank {adapter_config.get("r")}, targets {_cell(targets)}) for the
 SHIRG-LaViDa model at `{base}`, trained by [shirg-hf](https://pypi.org/project/shirg-hf/) `train`.
 Runtime requirements: {RUNTIME_REQUIREMENTS}, `peft`.
 

@@ -1,0 +1,131 @@
+"""Commands as a user runs them: quiet by default (`-v` restores the libraries' output), no warnings from our
+code, `--device`/`--dtype` everywhere, files written under the user's umask, `--version`, the adapter card, and
+`device_map="auto"`."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel
+
+import shirg_hf
+from shirg_hf.cli import build_parser, main
+from shirg_hf.devices import resolve_device, resolve_dtype
+
+MODEL_COMMANDS = ("generate", "demo", "select", "eval", "compare")
+
+
+def run_cli(*args, cwd, umask=0o022, warnings_as_errors=True):
+    """`shirg-hf ARGS` in a fresh process (with `-W error` unless told), under `umask`."""
+    flags = ["-W", "error"] if warnings_as_errors else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *flags, "-m", "shirg_hf.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(umask))
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A demo model folder, an image and a one-question data set, written by the commands under umask 022."""
+    root = tmp_path_factory.mktemp("commands")
+    image = root / "page.png"
+    Image.new("RGB", (120, 90), (250, 250, 250)).save(image)
+    (root / "data.jsonl").write_text(json.dumps({"image": str(image), "question": "What?", "answers": ["a"]}) + "\n")
+    demo = run_cli("demo", "--random-tiny", "--out", root / "model", "--max-new-tokens", "8", cwd=root)
+    return root, image, demo
+
+
+def test_version():
+    completed = subprocess.run([sys.executable, "-m", "shirg_hf.cli", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == f"shirg-hf {shirg_hf.__version__}"
+
+
+def test_commands_print_their_result_and_nothing_else(workspace):
+    root, image, demo = workspace
+    assert demo.returncode == 0 and demo.stderr == "", demo.stderr[-2000:]
+    assert "answer ids" in demo.stdout
+    model = root / "model"
+    generate = run_cli("generate", "--model", model, "--image", image, "--question", "What?", "--max-new-tokens", 8,
+                       cwd=root)
+    assert generate.returncode == 0 and generate.stderr == "", generate.stderr[-2000:]
+    assert "prefix tokens" in generate.stdout
+    select = run_cli("select", image, "--model", model, "--out", root / "heat.png", cwd=root)
+    assert select.returncode == 0 and select.stderr == "", select.stderr[-2000:]
+    evaluation = run_cli("eval", "--model", model, "--data", root / "data.jsonl", "--metric", "anls", "--out",
+                         root / "eval", "--max-new-tokens", 8, "--block-length", 8, cwd=root)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert "Loading weights" not in evaluation.stderr and "Warning" not in evaluation.stderr
+    verbose = run_cli("generate", "-v", "--model", model, "--image", image, "--question", "What?",
+                      "--max-new-tokens", 8, cwd=root, warnings_as_errors=False)
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+
+
+def test_written_files_follow_the_umask(workspace):
+    root, image, _ = workspace
+    model = root / "model"
+    for path in [model / "model.safetensors", model / "heatmap.png", model / "README.md", root / "heat.png",
+                 *(root / "eval").iterdir()]:
+        assert mode(path) == 0o644, path
+    private = run_cli("select", image, "--out", root / "private.png", cwd=root, umask=0o077)
+    assert private.returncode == 0 and mode(root / "private.png") == 0o600
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_model_commands_take_device_and_dtype(command):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    options = {option: action for action in sub._actions for option in action.option_strings}
+    assert options["--device"].default == "auto" and options["--dtype"].default == "auto"
+    assert set(options["--dtype"].choices) == {"auto", "float32", "bfloat16", "float16"}
+
+
+def test_device_and_dtype_resolution(workspace, capsys):
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto") == "auto" and resolve_dtype("auto", in_memory=True) == torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    root, image, _ = workspace
+    common = ["--model", str(root / "model"), "--image", str(image), "--question", "What?", "--max-new-tokens", "8"]
+    assert main(["generate", *common, "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert "prefix tokens" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["generate", *common, "--device", "cuda"]) == 2
+        assert "CUDA is not available here" in capsys.readouterr().err
+    assert main(["generate", *common, "--device", "gpu0"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+
+
+def test_device_map_auto_places_the_model(workspace):
+    from transformers import AutoProcessor
+
+    root, image, _ = workspace
+    model = AutoModel.from_pretrained(root / "model", device_map="auto")  # accelerate plans the placement
+    expected = resolve_device("auto").type
+    assert {parameter.device.type for parameter in model.parameters()} == {expected}
+    assert model.dtype == torch.float32  # dtype auto: as saved
+    processor = AutoProcessor.from_pretrained(root / "model")
+    inputs = processor(images=[Image.open(image)], text=[shirg_hf.build_prompt("What?")]).to(model.device)
+    assert model.generate(**inputs, max_new_tokens=8, block_length=8).shape == (1, 8)
+
+
+def test_adapter_folder_has_a_card_and_an_absolute_base(tmp_path, monkeypatch):
+    from shirg_hf.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    train_main(["--base", "tiny", "--budgets", "full,32", "--output_dir", "runs/tiny", "--max_steps", "1",
+                "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no"])
+    adapter = tmp_path / "runs" / "tiny"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert os.path.isabs(base) and os.path.samefile(base, adapter / "base-model")
+    card = (adapter / "README.md").read_text()
+    for expected in (f"model at `{base}`", "| LoRA rank r | `16` |", "multi_modal_projector",
+                     "| budgets trained on (K) | `144, 32` |", "| training data |", "Pillow", "peft"):
+        assert expected in card, expected
+    assert all(mode(path) == 0o644 for path in adapter.rglob("*") if path.is_file())
