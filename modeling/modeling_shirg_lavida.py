@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_shirg_lavida import ShirgLavidaConfig
 from .generation_diffusion import DiffusionGenerationConfig, diffusion_generate
 from .modeling_llada import LladaForMaskedDiffusion, masked_diffusion_loss, prefix_dlm_attention_mask
-from .selection_shirg import ShirgSelector
+from .selection_shirg import ShirgSelector, capture_received_attention
 from .visual_tokens import (
     anyres_grid_shape,
     get_vision_mode,
@@ -464,10 +464,19 @@ def _high_res_features(model, pixel_values, mode):
 
 @vision_front_end("shirg")
 def shirg_front_end(model, pixel_values, image_sizes=None, method=None, budget=None, selection_inputs=None):
-    """High-res patches -> K selected tokens (+ summary) -> projector."""
-    features = _high_res_features(model, pixel_values, "shirg")
-    selection = model.selector(features, grid_size=model.config.highres_grid, budget=budget, method=method,
-                               inputs=selection_inputs)  # tokens [B, K+1, Dv], kept [B, K]
+    """High-res patches -> K selected tokens (+ summary) -> projector.
+
+    When the selection settings read a tower layer's attention (`selection.importance`), that layer's received
+    attention is recorded during the same tower forward and passed to the selector as input "attention"."""
+    selector, inputs = model.selector, dict(selection_inputs or {})
+    if inputs.get("attention") is None and selector.needs_attention(method):
+        with capture_received_attention(model.vision_tower.encoder, selector.settings["attention_layer"]) as seen:
+            features = _high_res_features(model, pixel_values, "shirg")
+        inputs["attention"] = seen["attention"]
+    else:
+        features = _high_res_features(model, pixel_values, "shirg")
+    selection = selector(features, grid_size=model.config.highres_grid, budget=budget, method=method,
+                         inputs=inputs)  # tokens [B, K+1, Dv], kept [B, K]
     return list(model.multi_modal_projector(selection.tokens).unbind(0)), selection.kept_indices
 
 

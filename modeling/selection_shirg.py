@@ -7,6 +7,7 @@ thread-count invariant reductions, so results are identical alone or in a batch 
 The algorithm, its measured design choices and the baselines are described in docs/selection.md.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .visual_tokens import (
     check_coverage,
     check_selection,
     has_summary,
+    needs_tower_attention,
     num_selected_tokens,
     get_selection_method,
     selection_scorer,
@@ -32,6 +34,8 @@ MAGNITUDE_CLIP_QUANTILE = 0.99
 # A score's range must exceed this many times its estimated float32 rounding error to be stretched to [0, 1]
 # (see `_noise_floors`): rounding noise is scaled to at most ~1/NOISE_MARGIN of the unit range.
 NOISE_MARGIN = 100.0
+# Queries per block of the received-attention computation: [heads, block, N] float32 logits at a time.
+ATTENTION_QUERY_BLOCK = 256
 
 
 @dataclass
@@ -98,6 +102,60 @@ def _noise_floors(num_tokens: int, dim: int, tau: float, max_magnitude: float) -
     return {name: NOISE_MARGIN * error for name, error in errors.items()}
 
 
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention each token receives, averaged over heads and queries: [N, D] q and k (projected) -> [N].
+
+    softmax(q k^T / sqrt(d_head)) per head, with logits computed in float32 for `ATTENTION_QUERY_BLOCK` queries at a
+    time (never the whole [heads, N, N] map), column sums accumulated block by block in a fixed order.
+    """
+    num_tokens, dim = queries.shape
+    head_dim = dim // num_heads
+    q = queries.detach().to(torch.float32).view(num_tokens, num_heads, head_dim).transpose(0, 1)  # [H, N, d]
+    k = keys.detach().to(torch.float32).view(num_tokens, num_heads, head_dim).transpose(0, 1)  # [H, N, d]
+    k_t = k.transpose(1, 2).contiguous()  # [H, d, N]
+    total = q.new_zeros(num_heads, num_tokens)  # [H, N]
+    for start in range(0, num_tokens, ATTENTION_QUERY_BLOCK):
+        logits = torch.matmul(q[:, start:start + ATTENTION_QUERY_BLOCK], k_t).mul_(head_dim ** -0.5)  # [H, b, N]
+        total += torch.softmax(logits, dim=-1).sum(dim=1)  # [H, N]
+    return total.mean(dim=0) / num_tokens
+
+
+def resolve_attention_layer(layer: int | None, num_layers: int) -> int:
+    """Index of the tower layer whose attention is read: `None` is the middle layer; negative counts from the end."""
+    index = num_layers // 2 if layer is None else layer + num_layers if layer < 0 else layer
+    if not 0 <= index < num_layers:
+        raise ValueError(f"Invalid `selection.attention_layer` {layer}: the tower has {num_layers} layers "
+                         f"(use 0..{num_layers - 1}, a negative index, or null for the middle layer)")
+    return index
+
+
+@contextlib.contextmanager
+def capture_received_attention(encoder: nn.Module, layer: int | None):
+    """Inside the block, a forward of `encoder` (a SigLIP encoder) also records, for its attention layer `layer`
+    (see `resolve_attention_layer`), the attention each token receives; the yielded dict then holds "attention"
+    [B, N] float32. The tower's attention implementation is unchanged: forward hooks read that layer's own
+    q_proj / k_proj outputs."""
+    attention = encoder.layers[resolve_attention_layer(layer, len(encoder.layers))].self_attn
+    projected, result = {}, {}
+
+    def keep(name):
+        def hook(module, args, output):
+            projected[name] = output
+
+        return hook
+
+    handles = [attention.q_proj.register_forward_hook(keep("q")), attention.k_proj.register_forward_hook(keep("k"))]
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "q" in projected:
+        with torch.no_grad():
+            result["attention"] = torch.stack([received_attention(q, k, attention.num_heads)
+                                               for q, k in zip(projected["q"], projected["k"], strict=True)])
+
+
 def _kernel_sharpness(unit: torch.Tensor) -> float:
     """tau = KERNEL_SHARPNESS / (1 - mean off-diagonal cosine) of unit-norm features [N, D]."""
     # Reductions are written so that each output element is summed by one thread in a fixed order (row or
@@ -159,12 +217,19 @@ def score_components(
     grid_size: tuple[int, int],
     attention: torch.Tensor | None = None,
     names: tuple[str, ...] = SCORE_TERMS,
+    importance: str = "similarity",
 ) -> dict[str, torch.Tensor]:
     """SHIRG scores of one image, each in [0, 1]: {name: [N]} for `names` among importance/magnitude/gradient.
 
-    features: [N, D] any float dtype (scored in float32, detached); attention: optional tower attention
-    [N, N] or [heads, N, N] (rows = queries, each summing to 1); heads are averaged.
+    features: [N, D] any float dtype (scored in float32, detached); attention: optional tower attention, either
+    maps [N, N] / [heads, N, N] (rows = queries, each summing to 1; heads are averaged) or the received attention
+    [N] (mean over heads and queries, `received_attention`). `importance` (`selection.importance`): "similarity"
+    (the similarity softmax, replaced by `attention` when given), "attention" (log received attention, FastV-style)
+    or "attention_normalised" (the tower's received attention per look-alike); the last two need `attention`.
     """
+    if importance != "similarity" and "importance" in names and attention is None:
+        raise ValueError(f"selection.importance={importance!r} needs the tower layer's attention (selection input "
+                         "'attention' [batch, num_patches]); the model passes it when the settings ask for it")
     with torch.no_grad():
         raw = features.detach().to(torch.float32)  # [N, D]
         unit = nn.functional.normalize(raw, dim=-1)  # [N, D]
@@ -175,10 +240,17 @@ def score_components(
         components = {}
         if "importance" in names:
             received = None
-            if attention is not None:  # column sums accumulated in float32 without a float32 copy of the maps
+            if attention is not None and attention.dim() == 1:  # received attention, a column mean
+                received = attention.detach().to(torch.float32) * num_tokens
+            elif attention is not None:  # column sums accumulated in float32 without a float32 copy of the maps
                 received = attention.detach().sum(dim=-2, dtype=torch.float32)  # [N] or [heads, N]
                 received = received.mean(dim=0) if received.dim() == 2 else received
-            components["importance"] = _unit_range(importance_scores(unit, received), floors["importance"])
+            if importance == "attention":
+                raw_importance = received.clamp_min(torch.finfo(torch.float32).tiny).log()
+                floor = NOISE_MARGIN * (2 * _rounding(num_tokens) + 4 * torch.finfo(torch.float32).eps)
+            else:
+                raw_importance, floor = importance_scores(unit, received), floors["importance"]
+            components["importance"] = _unit_range(raw_importance, floor)
         if magnitude is not None:
             components["magnitude"] = _unit_range(magnitude, floors["magnitude"], MAGNITUDE_CLIP_QUANTILE)
         if "gradient" in names:
@@ -254,11 +326,36 @@ def _prioritised(scores: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
     return scores + priority.to(scores.dtype) * lift
 
 
-def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """softmax(score)-weighted mean of the tokens not in `kept` -> [D] float32 (differentiable in features)."""
-    logits = scores.clone()
-    logits[kept] = float("-inf")
-    weights = torch.softmax(logits, dim=0)  # [N], 0 on kept tokens
+def summary_weights(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, mode: str = "score"
+                    ) -> torch.Tensor:
+    """Weights [N] float32 of the summary token: 0 on `kept` [K], summing to 1 over the dropped tokens.
+
+    "score": softmax of the method's scores over the dropped tokens. "attention": the attention the kept tokens
+    pay to the dropped ones, w_j = mean_i softmax_j(tau (cos(x_i, x_j) - 1)) over kept i and dropped j, with the
+    image's kernel sharpness tau (as the importance score): dropped tokens that the kept ones attend to count most.
+    """
+    with torch.no_grad():
+        num_tokens = features.shape[0]
+        dropped = torch.ones(num_tokens, dtype=torch.bool, device=features.device)
+        dropped[kept] = False
+        if mode == "score":
+            logits = scores.to(torch.float32).masked_fill(~dropped, float("-inf"))
+            return torch.softmax(logits, dim=0)  # [N], 0 on kept tokens
+        if mode != "attention":
+            raise ValueError(f"Invalid `selection.summary_weights` {mode!r}")
+        unit = nn.functional.normalize(features.detach().to(torch.float32), dim=-1)  # [N, D]
+        tau = _kernel_sharpness(unit)
+        logits = (unit[kept] @ unit[dropped].T).sub_(1.0).mul_(tau)  # [K, N - K]
+        attention = torch.softmax(logits, dim=1).mean(dim=0)  # [N - K] column means: thread-count invariant
+        weights = torch.zeros(num_tokens, dtype=torch.float32, device=features.device)
+        weights[dropped] = attention / attention.sum()
+        return weights
+
+
+def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, mode: str = "score") -> torch.Tensor:
+    """The summary token: `summary_weights`-weighted mean of the tokens not in `kept` -> [D] float32
+    (differentiable in features; the weights are constants)."""
+    weights = summary_weights(features, scores, kept, mode)  # [N]
     return (weights[:, None] * features.to(torch.float32)).sum(dim=0)  # column sums: thread-count invariant
 
 
@@ -269,13 +366,15 @@ def _summary(features: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -
 @selection_scorer("no_summary")
 def shirg_score(features, grid_size, settings, attention=None, **inputs) -> torch.Tensor:
     """The weighted SHIRG score sum_t w_t S_t over `SCORE_TERMS` (weights `settings["weights"]`)."""
-    components = score_components(features, grid_size, attention)
-    return sum(weight * components[term] for weight, term in zip(settings["weights"], SCORE_TERMS))
+    names = tuple(term for weight, term in zip(settings["weights"], SCORE_TERMS) if weight > 0) or SCORE_TERMS[:1]
+    components = score_components(features, grid_size, attention, names, settings["importance"])
+    return sum(weight * components[term] for weight, term in zip(settings["weights"], SCORE_TERMS)
+               if term in components)
 
 
 def _single_term_scorer(term: str):
     def score(features, grid_size, settings, attention=None, **inputs) -> torch.Tensor:
-        return score_components(features, grid_size, attention, names=(term,))[term]
+        return score_components(features, grid_size, attention, (term,), settings["importance"])[term]
 
     score.__name__ = f"{term}_score"
     return score
@@ -310,7 +409,9 @@ class ShirgSelector(nn.Module):
 
     Args: the `selection` settings (see `visual_tokens.DEFAULT_SELECTION`): `method` (a registered selection
     method), `budget` (default K), `coverage_cells` (rows, cols), `weights` (importance, magnitude, gradient; sum
-    1), `summary` (append the summary token when the method adds one and K < N), `seed` (`random`).
+    1), `summary` (append the summary token when the method adds one and K < N), `seed` (`random`), `importance`
+    (`IMPORTANCE_SOURCES`) and `attention_layer` (the tower layer whose attention it reads), `summary_weights`
+    ("score" or "attention"), `adaptive_budget` ([K_min, K_max] for the processor's per-image K, or None).
     """
 
     def __init__(
@@ -321,16 +422,26 @@ class ShirgSelector(nn.Module):
         weights: tuple[float, float, float] = tuple(DEFAULT_SELECTION["weights"]),
         summary: bool = DEFAULT_SELECTION["summary"],
         seed: int = DEFAULT_SELECTION["seed"],
+        importance: str = DEFAULT_SELECTION["importance"],
+        attention_layer: int | None = DEFAULT_SELECTION["attention_layer"],
+        summary_weights: str = DEFAULT_SELECTION["summary_weights"],
+        adaptive_budget: tuple[int, int] | None = DEFAULT_SELECTION["adaptive_budget"],
     ):
         super().__init__()
         settings = check_selection(dict(method=method, budget=budget, coverage_cells=coverage_cells,
-                                        weights=weights, summary=summary, seed=seed))
+                                        weights=weights, summary=summary, seed=seed, importance=importance,
+                                        attention_layer=attention_layer, summary_weights=summary_weights,
+                                        adaptive_budget=adaptive_budget))
         self.method = settings["method"]
         self.budget = settings["budget"]
         self.coverage_cells = tuple(settings["coverage_cells"])
         self.weights = tuple(settings["weights"])
         self.summary = settings["summary"]
         self.seed = settings["seed"]
+        self.importance = settings["importance"]
+        self.attention_layer = settings["attention_layer"]
+        self.summary_weights = settings["summary_weights"]
+        self.adaptive_budget = settings["adaptive_budget"]
 
     @classmethod
     def from_config(cls, config) -> "ShirgSelector":
@@ -347,7 +458,14 @@ class ShirgSelector(nn.Module):
     def settings(self) -> dict:
         """The selection settings as the `selection` dict of a config."""
         return {"method": self.method, "budget": self.budget, "weights": list(self.weights),
-                "coverage_cells": list(self.coverage_cells), "summary": self.summary, "seed": self.seed}
+                "coverage_cells": list(self.coverage_cells), "summary": self.summary, "seed": self.seed,
+                "importance": self.importance, "attention_layer": self.attention_layer,
+                "summary_weights": self.summary_weights,
+                "adaptive_budget": None if self.adaptive_budget is None else list(self.adaptive_budget)}
+
+    def needs_attention(self, method: str | None = None) -> bool:
+        """Whether `method` (default: the selector's) reads the tower layer's received attention."""
+        return needs_tower_attention(self.settings, method or self.method)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
@@ -397,11 +515,14 @@ class ShirgSelector(nn.Module):
                 raise ValueError(f"ShirgSelector: selection input {name!r} must be a tensor [batch={batch}, ...], "
                                  f"got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}")
         attention = inputs.get("attention")
-        if attention is not None and (not attention.is_floating_point() or attention.dim() not in (3, 4) or
-                                      attention.shape[-2:] != (num_patches, num_patches)):
+        received = attention is not None and attention.dim() == 2 and attention.shape[1] == num_patches
+        maps = attention is not None and attention.dim() in (3, 4) and \
+            attention.shape[-2:] == (num_patches, num_patches)
+        if attention is not None and (not attention.is_floating_point() or not (received or maps)):
             raise ValueError(
-                "ShirgSelector: attentions must be [batch, num_patches, num_patches] or [batch, heads, "
-                f"num_patches, num_patches] matching features {tuple(features.shape)}, got {tuple(attention.shape)}"
+                "ShirgSelector: attentions must be [batch, num_patches] (received attention), [batch, num_patches, "
+                f"num_patches] or [batch, heads, num_patches, num_patches] matching features "
+                f"{tuple(features.shape)}, got {tuple(attention.shape)}"
             )
         return grid_size
 
@@ -445,7 +566,8 @@ class ShirgSelector(nn.Module):
             kept = _top_k(scores if priority is None else _prioritised(scores, priority), budget, cells)  # [K]
             tokens, summary = features[kept], None
         if has_summary(self.settings, budget, num_patches, method):
-            summary = _summary(features, scores, kept) if summary is None else summary  # [D] float32
+            if summary is None:  # [D] float32
+                summary = _summary(features, scores, kept, self.summary_weights)
             tokens = torch.cat([tokens, summary[None].to(tokens.dtype)])
         return tokens.to(features.dtype), kept, scores
 
@@ -465,8 +587,9 @@ class ShirgSelector(nn.Module):
             features: [B, N, D] raw tower output (before post_layernorm), any float dtype.
             grid_size: (H, W) of the patch grid, H * W = N (default: square).
             budget: K (default: the selector's `budget`); method: a registered method (default: the selector's).
-            attentions: optional tower attention [B, N, N] or [B, heads, N, N] (rows = queries) for the importance
-                score instead of the feature-similarity softmax (the `attention` selection input).
+            attentions: optional tower attention for the importance score (the `attention` selection input): the
+                received attention [B, N] of one layer (see `capture_received_attention`), or maps [B, N, N] /
+                [B, heads, N, N] (rows = queries); how it is used follows `importance`.
             inputs: per-image selection inputs {name: [B, ...]} a registered method `requires`.
             priority: optional [B, N] bool; the marked patches of each image rank above all others (in score order),
                 so they are kept first (an oracle selection: e.g. the patches known to hold the answer). Scores and
@@ -499,4 +622,5 @@ class ShirgSelector(nn.Module):
         )
 
 
-__all__ = ["ShirgSelector", "SelectionOutput", "pooling_regions", "score_components"]
+__all__ = ["ShirgSelector", "SelectionOutput", "capture_received_attention", "pooling_regions", "received_attention",
+           "score_components", "summary_weights"]

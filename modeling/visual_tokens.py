@@ -171,6 +171,8 @@ class SelectionMethod:
     adds_summary: append one summary token of the dropped tokens (when `summary` is on and K < N).
     keeps_all: return all N tokens whatever K (no selection).
     requires: names of per-image inputs the scorer needs (e.g. "priority"), passed as `selection_inputs`.
+    uses_importance: the scorer reads the importance term, so `selection.importance` = "attention..." makes the
+        model pass the tower layer's received attention (input "attention").
     scorer: `scorer(features [N, D] float32, grid_size, settings, **inputs) -> scores [N]` (higher is kept first).
     builder: optional `builder(features, scores, budget, grid_size) -> (tokens [K, D], kept [K], summary [D])` for
         methods whose tokens are not a top-K of the features (e.g. `pooled`).
@@ -182,6 +184,7 @@ class SelectionMethod:
     keeps_all: bool = False
     requires: tuple = ()
     description: str = ""
+    uses_importance: bool = False
     scorer: Callable | None = None
     builder: Callable | None = None
 
@@ -191,7 +194,7 @@ SELECTION_METHODS: dict[str, SelectionMethod] = {}
 
 def register_selection_method(name: str, *, uses_coverage: bool = True, adds_summary: bool = True,
                               keeps_all: bool = False, requires=(), description: str = "",
-                              builder: Callable | None = None, replace: bool = False):
+                              builder: Callable | None = None, uses_importance: bool = False, replace: bool = False):
     """Register a selection method; use it as a decorator on the method's scorer.
 
         @register_selection_method("edges", uses_coverage=False)
@@ -208,7 +211,7 @@ def register_selection_method(name: str, *, uses_coverage: bool = True, adds_sum
     if name in SELECTION_METHODS and not replace:
         raise ValueError(f"selection method {name!r} is already registered; pass replace=True to re-declare it")
     method = SelectionMethod(name, bool(uses_coverage), bool(adds_summary), bool(keeps_all), tuple(requires),
-                             description, builder=builder)
+                             description, bool(uses_importance), builder=builder)
     SELECTION_METHODS[name] = method
 
     def attach(scorer: Callable) -> Callable:
@@ -241,16 +244,20 @@ def selection_method_names() -> tuple[str, ...]:
 
 
 # Built-in methods; their scorers are attached by selection_shirg.py.
-register_selection_method("shirg", description="importance + magnitude + gradient, coverage cells, summary token")
+register_selection_method("shirg", uses_importance=True,
+                          description="importance + magnitude + gradient, coverage cells, summary token")
 register_selection_method("full", uses_coverage=False, adds_summary=False, keeps_all=True,
                           description="every patch, no selection")
 register_selection_method("random", uses_coverage=False, description="seeded random priorities per grid position")
 register_selection_method("pooled", uses_coverage=False, description="K region averages of a near-regular grid")
 register_selection_method("magnitude", uses_coverage=False, description="feature norm alone")
-register_selection_method("importance", uses_coverage=False, description="redundancy-normalised attention alone")
+register_selection_method("importance", uses_coverage=False, uses_importance=True,
+                          description="the importance term alone")
 register_selection_method("gradient", uses_coverage=False, description="spatial gradient alone")
-register_selection_method("no_coverage", uses_coverage=False, description="SHIRG score, plain top-K")
-register_selection_method("no_summary", adds_summary=False, description="SHIRG without the summary token")
+register_selection_method("no_coverage", uses_coverage=False, uses_importance=True,
+                          description="SHIRG score, plain top-K")
+register_selection_method("no_summary", adds_summary=False, uses_importance=True,
+                          description="SHIRG without the summary token")
 
 
 # ---- selection settings and budgets ------------------------------------------------------------------------
@@ -261,8 +268,23 @@ DEFAULT_SELECTION = {
     "coverage_cells": [8, 8],
     "summary": True,
     "seed": 0,
+    "importance": "similarity",
+    "attention_layer": None,
+    "summary_weights": "score",
+    "adaptive_budget": None,
 }
 SCORE_TERMS = ("importance", "magnitude", "gradient")  # the order of `weights`
+# `selection.importance`: the similarity softmax of the features, normalised by look-alikes (docs/selection.md);
+# a tower layer's received attention (FastV-style); or that attention normalised by look-alikes.
+IMPORTANCE_SOURCES = ("similarity", "attention", "attention_normalised")
+# `selection.summary_weights`: softmax of the method's scores; the kept tokens' attention to the dropped tokens.
+SUMMARY_WEIGHTS = ("score", "attention")
+
+
+def needs_tower_attention(selection: dict, method: str | None = None) -> bool:
+    """Whether the method, under these settings, reads a tower layer's received attention (input "attention")."""
+    spec = get_selection_method(method or selection["method"])
+    return "attention" in spec.requires or (spec.uses_importance and selection["importance"] != "similarity")
 
 
 def check_selection(selection: dict | None, grid: tuple[int, int] | None = None) -> dict:
@@ -294,10 +316,28 @@ def check_selection(selection: dict | None, grid: tuple[int, int] | None = None)
         raise ValueError(f"Invalid `selection.summary`: must be true or false, got {settings['summary']!r}")
     if not _is_int(settings["seed"]):
         raise ValueError(f"Invalid `selection.seed`: must be an integer, got {settings['seed']!r}")
+    if settings["importance"] not in IMPORTANCE_SOURCES:
+        raise ValueError(f"Invalid `selection.importance`: must be one of {IMPORTANCE_SOURCES}, "
+                         f"got {settings['importance']!r}")
+    if settings["attention_layer"] is not None and not _is_int(settings["attention_layer"]):
+        raise ValueError(f"Invalid `selection.attention_layer`: must be a tower layer index (negative counts from the "
+                         f"last) or null for the middle layer, got {settings['attention_layer']!r}")
+    if settings["summary_weights"] not in SUMMARY_WEIGHTS:
+        raise ValueError(f"Invalid `selection.summary_weights`: must be one of {SUMMARY_WEIGHTS}, "
+                         f"got {settings['summary_weights']!r}")
+    adaptive = settings["adaptive_budget"]
+    if adaptive is not None:
+        if not isinstance(adaptive, (list, tuple)) or len(adaptive) != 2 or not all(_is_int(k) for k in adaptive) \
+                or not 1 <= adaptive[0] <= adaptive[1]:
+            raise ValueError(f"Invalid `selection.adaptive_budget`: must be [K_min, K_max] with 1 <= K_min <= K_max, "
+                             f"or null, got {adaptive!r}")
+        settings["adaptive_budget"] = [int(k) for k in adaptive]
     settings = {**settings, "weights": [float(w) for w in weights], "coverage_cells": [int(c) for c in cells]}
     if grid is not None:
         check_coverage(settings, grid)
         check_budget(settings["budget"], settings, grid[0] * grid[1])
+        for budget in settings["adaptive_budget"] or ():
+            check_budget(budget, settings, grid[0] * grid[1])
     elif not _is_int(settings["budget"]) or settings["budget"] < 1:
         raise ValueError(f"Invalid `selection.budget`: must be an integer >= 1, got {settings['budget']!r}")
     return settings

@@ -91,13 +91,10 @@ def selection_methods() -> tuple[str, ...]:
 
 
 def make_selector(variant: Variant, config):
-    """The variant's ShirgSelector with the model's coverage cells, weights, summary and seed."""
+    """The variant's ShirgSelector with the model's other selection settings (cells, weights, summary, ...)."""
     from .modeling.selection_shirg import ShirgSelector
 
-    selection = config.selection
-    return ShirgSelector(method=variant.selector_method, budget=variant.budget,
-                         coverage_cells=tuple(selection["coverage_cells"]), weights=tuple(selection["weights"]),
-                         summary=selection["summary"], seed=selection["seed"])
+    return ShirgSelector(**{**config.selection, "method": variant.selector_method, "budget": variant.budget})
 
 
 def parse_variants(text: str, config) -> list[Variant]:
@@ -164,6 +161,13 @@ class VariantSelector(nn.Module):
         self.selector = selector
         self.priority = None
         self.kept_indices = None
+
+    def needs_attention(self, method=None) -> bool:
+        return self.selector.needs_attention(method)
+
+    @property
+    def settings(self) -> dict:
+        return self.selector.settings
 
     def forward(self, features, grid_size=None, budget=None, attentions=None, method=None, inputs=None):
         output = self.selector(features, grid_size=grid_size, budget=budget, attentions=attentions, method=method,
@@ -377,12 +381,20 @@ def write_reports(out_dir: Path, results: dict) -> None:
 
 
 # ---- towers and models -------------------------------------------------------------------------------------
-def tower_features(tower, config, pixel_values):
-    """Raw last-layer features [B, N, D] of a SigLIP tower, as `ShirgLavidaForDiffusionLM.vision_features`."""
+def tower_features(tower, config, pixel_values, attention_layers=()):
+    """Raw last-layer features [B, N, D] of a SigLIP tower, as `ShirgLavidaForDiffusionLM.vision_features`; with
+    `attention_layers`, also {layer: received attention [B, N]} of those layers (`capture_received_attention`)."""
+    from .modeling.selection_shirg import capture_received_attention
+
     pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
     interpolate = pixel_values.shape[-1] != config.vision_config.image_size
-    embeddings = tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-    return tower.encoder(inputs_embeds=embeddings).last_hidden_state
+    with contextlib.ExitStack() as stack:
+        seen = {layer: stack.enter_context(capture_received_attention(tower.encoder, layer))
+                for layer in attention_layers}
+        embeddings = tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+        features = tower.encoder(inputs_embeds=embeddings).last_hidden_state
+    return (features, {layer: captured["attention"] for layer, captured in seen.items()}) if attention_layers \
+        else features
 
 
 def tower_config(source: str):
@@ -645,6 +657,8 @@ def _select_only(dataset, data_path, ids, variants, pending, config, tower_sourc
     side = config.highres_image_size
     image_processor = ShirgImageProcessor(size={"height": side, "width": side})
     selectors = {v.name: make_selector(v, config) for v in variants if v.method is not None}
+    layers = sorted({selector.attention_layer for selector in selectors.values() if selector.needs_attention()},
+                    key=str)
     rows = sorted({row for chunk in pending.values() for row in chunk})
     bar = tqdm(total=total, initial=total - len(rows), desc="recall", unit="image", disable=not progress)
     with bar:
@@ -655,7 +669,8 @@ def _select_only(dataset, data_path, ids, variants, pending, config, tower_sourc
             if selectors:
                 pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(device)
                 with torch.inference_mode():
-                    features = tower_features(tower, config, pixels)
+                    features, attentions = tower_features(tower, config, pixels, layers) if layers else \
+                        (tower_features(tower, config, pixels), {})
             records = []
             for variant in variants:
                 todo = set(pending[variant.name])
@@ -665,8 +680,11 @@ def _select_only(dataset, data_path, ids, variants, pending, config, tower_sourc
                 kept = None
                 if variant.name in selectors:
                     priority = torch.from_numpy(masks[selected]) if variant.method == ORACLE else None
-                    output = selectors[variant.name](features[selected], grid_size=config.highres_grid,
-                                                     budget=variant.budget, priority=priority)
+                    selector = selectors[variant.name]
+                    attention = attentions[selector.attention_layer][selected] if selector.needs_attention() \
+                        else None
+                    output = selector(features[selected], grid_size=config.highres_grid, budget=variant.budget,
+                                      attentions=attention, priority=priority)
                     kept = output.kept_indices.cpu().numpy()
                 for position, index in enumerate(selected):
                     records.append(_record(variant, ids[chunk[index]], batch[index], masks[index],

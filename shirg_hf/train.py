@@ -44,7 +44,10 @@ from .training import (
     synthetic_shapes_dataset,
 )
 
-DEFAULT_LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+DEFAULT_LORA = {"lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_bias": "none"}
+# The research plan's optimiser recipe, the command's defaults (any TrainingArguments flag overrides them): AdamW
+# at 1e-4, cosine decay after a linear warm-up over 3 % of the steps, no weight decay.
+RECIPE_DEFAULTS = {"learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.0}
 TRAINING_RECORD_NAME = "training_record.json"  # read by `shirg-hf export` for the model card
 
 
@@ -68,6 +71,12 @@ class ScriptArguments:
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (16 unless --adapter)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (32 unless --adapter)."})
     lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (0.05 unless --adapter)."})
+    lora_bias: str | None = field(default=None, metadata={
+        "help": "'none' (default unless --adapter) or 'lora_only' (the plan's bias: lora; the projector Linear "
+                "biases train and are saved with the adapter)."})
+    lr_mm: float | None = field(default=None, metadata={
+        "help": "Learning rate of the trained base projector parameters (their biases, with --lora_bias "
+                "lora_only); the LoRA matrices use --learning_rate. Default: --learning_rate for all."})
     adapter: str | None = field(default=None, metadata={
         "help": "Start from this saved projector adapter instead of a fresh LoRA (its rank/alpha are kept)."})
     inverse_p_weighting: bool = field(default=False, metadata={
@@ -86,9 +95,7 @@ class ScriptArguments:
 def parse_arguments(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
     parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     # The collator reads the raw image/question/answer columns; the LoRA'd projector is used by every batch.
-    # Training keeps its progress bar when the command silences the libraries; pinned memory only helps CUDA.
-    parser.set_defaults(remove_unused_columns=False, ddp_find_unused_parameters=False, disable_tqdm=False,
-                        dataloader_pin_memory=torch.cuda.is_available())
+    parser.set_defaults(remove_unused_columns=False, ddp_find_unused_parameters=False, **RECIPE_DEFAULTS)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/question/answer "
@@ -165,7 +172,8 @@ def add_projector_lora(model, script_args: ScriptArguments, base_path: str):
         settings = {name: default if getattr(script_args, name) is None else getattr(script_args, name)
                     for name, default in DEFAULT_LORA.items()}
         model = get_peft_model(model, projector_lora_config(
-            rank=settings["lora_rank"], alpha=settings["lora_alpha"], dropout=settings["lora_dropout"]))
+            rank=settings["lora_rank"], alpha=settings["lora_alpha"], dropout=settings["lora_dropout"],
+            bias=settings["lora_bias"]))
     model.peft_config["default"].base_model_name_or_path = base_path
     return model
 
@@ -265,7 +273,7 @@ def main(argv=None) -> ShirgDiffusionTrainer:
 
     trainer = ShirgDiffusionTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-        data_collator=collator, processing_class=processor,
+        data_collator=collator, processing_class=processor, lr_mm=script_args.lr_mm,
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # adapter (PeftModel.save_pretrained) + processor, on the main process
@@ -273,7 +281,9 @@ def main(argv=None) -> ShirgDiffusionTrainer:
         record = {"budgets": list(collator.budgets), "dataset": script_args.dataset or "synthetic shapes (on the fly)",
                   "max_steps": trainer.state.global_step, "learning_rate": training_args.learning_rate,
                   "seed": training_args.seed, "loss": "1/p-weighted (LLaDA)" if script_args.inverse_p_weighting
-                  else "mean masked CE (LaViDa)"}
+                  else "mean masked CE (LaViDa)", "lr_scheduler": str(training_args.lr_scheduler_type),
+                  "warmup_steps": training_args.warmup_steps, "weight_decay": training_args.weight_decay,
+                  "lora_bias": model.peft_config["default"].bias, "lr_mm": script_args.lr_mm}
         write_json_atomically(Path(training_args.output_dir) / TRAINING_RECORD_NAME, record)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -2,9 +2,9 @@
 projector LoRA config, adapter checks, a Trainer that keeps the noise streams reproducible, and a synthetic
 shapes/colours/text data set for demos and tests. `shirg_hf.train` (`shirg-hf train`) runs them.
 
-One adapter learns every SHIRG budget: the collator draws one keep budget K per batch from a set ("full",
-1024, 768, 512 by default; a non-selecting vision mode such as "lowres" may be mixed in), so the projector LoRA
-sees all the token counts it will serve at inference.
+One adapter learns every SHIRG budget: the collator draws one keep budget K per batch from a set (the research
+plan's "baseline" = the native view, 1024, 768, 512 by default; "full" = every high-res patch, other non-selecting
+vision modes such as "lowres" may be mixed in), so the projector LoRA sees all the token counts it will serve.
 """
 
 import contextlib
@@ -22,8 +22,19 @@ from .processing.processing_shirg_lavida import LAVIDA_SYSTEM_PROMPT, build_prom
 from .processing.visual_tokens import get_vision_mode, vision_mode_names
 
 
-DEFAULT_BUDGETS = ("full", 1024, 768, 512)
-FULL_BUDGET_NAMES = ("full", "baseline")  # K = N: every high-res patch, no summary token
+DEFAULT_BUDGETS = ("baseline", 1024, 768, 512)  # the research plan's recipe: native view + three K, one adapter
+FULL_BUDGET_NAMES = ("full",)  # K = N: every high-res patch, no summary token
+BASELINE_BUDGET_NAME = "baseline"  # the native view (LaViDa's 384 px path, 729 tokens): see `native_vision_mode`
+LORA_BIASES = ("none", "lora_only")  # peft's `bias`: which biases train (and are saved) with the adapter
+
+
+def native_vision_mode() -> str:
+    """The registered non-selecting, single-view mode at the tower's native side (`lowres`): the "baseline" budget."""
+    for name in vision_mode_names():
+        mode = get_vision_mode(name)
+        if mode.view_side == "native" and not mode.selects and not mode.anyres:
+            return name
+    raise ValueError("no registered vision mode gives the native view (view_side='native', no selection, no anyres)")
 
 
 def complementary_noising(
@@ -82,16 +93,25 @@ def complementary_noising(
 PROJECTOR_LORA_TARGETS = r"(.*\.)?multi_modal_projector\.linear_[12]"
 
 
-def projector_lora_config(rank: int = 16, alpha: int = 32, dropout: float = 0.05, **kwargs):
-    """peft `LoraConfig` adapting only the projector (rank 16, alpha 32, dropout 0.05 by default)."""
+def projector_lora_config(rank: int = 16, alpha: int = 32, dropout: float = 0.05, bias: str = "none", **kwargs):
+    """peft `LoraConfig` adapting only the projector (rank 16, alpha 32, dropout 0.05 by default).
+
+    `bias`: "none" or "lora_only" (the research plan's `bias: "lora"`, accepted as an alias): the biases of the
+    two projector Linear layers then train and are saved with the adapter. peft's "all" is refused: it would train
+    every bias of SigLIP and LLaDA too.
+    """
     from peft import LoraConfig
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if bias == "lora":
+        bias = "lora_only"
+    if bias not in LORA_BIASES:
+        raise ValueError(f"LoRA bias must be one of {LORA_BIASES} (or the plan's 'lora' = 'lora_only'), got {bias!r}")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=PROJECTOR_LORA_TARGETS,
-                      bias="none", **kwargs)
+                      bias=bias, **kwargs)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -115,9 +135,10 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def resolve_budgets(budgets: Iterable, processor) -> tuple[int | str, ...]:
     """What each batch may be built with, for the model `processor` was built for, validated before training.
 
-    Entries: "full" / "baseline" (K = N, every high-res patch kept, no summary token), an integer K, a fraction of
-    N in (0, 1] (K = round(f * N); the defaults 1024/768/512 of a 2,304-patch model are 0.444/0.333/0.222), or the
-    name of another registered, non-selecting vision mode (e.g. "lowres": that batch uses the native view).
+    Entries: "baseline" (the native view, `native_vision_mode()`: LaViDa's 729-token 384 px path), "full" (K = N,
+    every high-res patch kept, no summary token), an integer K, a fraction of N in (0, 1] (K = round(f * N); the
+    defaults 1024/768/512 of a 2,304-patch model are 0.444/0.333/0.222), or the name of another registered,
+    non-selecting vision mode (e.g. "lowres", the same view as "baseline").
     Strings are parsed, so `"full,0.5,64".split(",")` works. Nothing is clipped or substituted: an entry the model
     cannot take raises `ValueError`.
     """
@@ -154,6 +175,8 @@ def _parse_budget(entry, num_patches: int) -> int | str:
         text = entry.strip().lower()
         if text in FULL_BUDGET_NAMES:
             return num_patches
+        if text == BASELINE_BUDGET_NAME:
+            return native_vision_mode()
         if text in vision_mode_names() and not get_vision_mode(text).selects:
             return text
         try:
@@ -389,8 +412,12 @@ class ShirgDiffusionTrainer(Trainer):
     length is a multiple of `gradient_accumulation_steps`).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lr_mm: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.lr_mm = lr_mm
+        if lr_mm is not None and not (lr_mm > 0 and self.base_projector_parameters()):
+            raise ValueError(f"lr_mm={lr_mm!r} needs a positive learning rate and trainable base projector parameters "
+                             "(their biases: projector_lora_config(bias='lora_only'), --lora_bias lora_only)")
         if not isinstance(self.data_collator, ShirgDiffusionCollator):
             raise ValueError("ShirgDiffusionTrainer needs data_collator=ShirgDiffusionCollator(...), got "
                              f"{type(self.data_collator).__name__}")
@@ -398,6 +425,30 @@ class ShirgDiffusionTrainer(Trainer):
             raise ValueError("the collator reads the raw image/question/answer columns: set "
                              "TrainingArguments(remove_unused_columns=False).")
         self.add_callback(_NoiseStreamCallback(self.data_collator))
+
+    def base_projector_parameters(self) -> list[str]:
+        """Names of the trainable projector parameters that are not LoRA matrices (e.g. biases with lora_only)."""
+        return [name for name, parameter in self.model.named_parameters()
+                if parameter.requires_grad and "multi_modal_projector" in name and "lora_" not in name]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `lr_mm`, the base projector parameters form a group at that rate."""
+        if self.lr_mm is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        base = set(self.base_projector_parameters())
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for is_base in (False, True):
+            for decays in (True, False):
+                params = [p for n, p in model.named_parameters()
+                          if p.requires_grad and (n in base) == is_base and (n in decay) == decays]
+                if params:
+                    groups.append({"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
+                                   **({"lr": self.lr_mm} if is_base else {})})
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def evaluate(self, *args, **kwargs):
         with self.data_collator.evaluation_stream():

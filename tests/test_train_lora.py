@@ -226,9 +226,9 @@ def test_collator_rejects_rows_without_the_needed_columns_and_bad_settings():
 def test_budgets_resolve_against_the_model_and_never_get_substituted():
     processor = tiny_processor()  # 12x12 = 144 patches, coverage 4x4
     assert resolve_budgets(["full", "64", 0.25], processor) == (144, 64, 36)
-    assert resolve_budgets(("baseline",), processor) == (144,)
+    assert resolve_budgets(("baseline",), processor) == ("lowres",)  # the plan's baseline: the native view
     with pytest.raises(ValueError, match=r"budget 1024 \(K = 1024\) does not fit this model \(144 high-res patches"):
-        ShirgDiffusionCollator(processor, MASK_ID)  # the 8B defaults (full, 1024, 768, 512)
+        ShirgDiffusionCollator(processor, MASK_ID)  # the 8B defaults (baseline, 1024, 768, 512)
     with pytest.raises(ValueError, match=r"K = 8.*\[16, 144\]"):
         resolve_budgets([8], processor)  # fewer than the 16 coverage cells
     with pytest.raises(ValueError, match="same K more than once"):
@@ -242,7 +242,7 @@ def test_budgets_resolve_against_the_model_and_never_get_substituted():
     assert resolve_budgets(["lowres", 64], processor) == ("lowres", 64)  # the native view mixed into SHIRG batches
     real = ShirgLavidaProcessor.from_model_config(ShirgLavidaConfig.lavida_llada_8b(image_token_id=504),
                                                   build_tiny_tokenizer())
-    assert resolve_budgets(training.DEFAULT_BUDGETS, real) == (2304, 1024, 768, 512)
+    assert resolve_budgets(training.DEFAULT_BUDGETS, real) == ("lowres", 1024, 768, 512)
 
 
 # ---- LoRA config, adapters, data ------------------------------------------------------------------------
