@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -32,9 +33,26 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def quiet_main(capsys, *args) -> tuple[int, str, str]:
+    """`shirg-hf ARGS` in this process with every warning raised as an error; (exit code, stdout, stderr)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A demo model folder, an image and a one-question data set, written by the commands under umask 022."""
+    """A demo model folder (written by `shirg-hf demo` in a fresh process with `-W error`, umask 022), an image and
+    a one-question data set."""
     root = tmp_path_factory.mktemp("commands")
     image = root / "page.png"
     Image.new("RGB", (120, 90), (250, 250, 250)).save(image)
@@ -48,34 +66,36 @@ def test_version():
     assert completed.returncode == 0 and completed.stdout.strip() == f"shirg-hf {shirg_hf.__version__}"
 
 
-def test_commands_print_their_result_and_nothing_else(workspace):
+def test_commands_print_their_result_and_nothing_else(workspace, capsys, umask_022):
     root, image, demo = workspace
-    assert demo.returncode == 0 and demo.stderr == "", demo.stderr[-2000:]
+    assert demo.returncode == 0 and demo.stderr == "", demo.stderr[-2000:]  # fresh process, -W error
     assert "answer ids" in demo.stdout
     model = root / "model"
-    generate = run_cli("generate", "--model", model, "--image", image, "--question", "What?", "--max-new-tokens", 8,
-                       cwd=root)
-    assert generate.returncode == 0 and generate.stderr == "", generate.stderr[-2000:]
-    assert "prefix tokens" in generate.stdout
-    select = run_cli("select", image, "--model", model, "--out", root / "heat.png", cwd=root)
-    assert select.returncode == 0 and select.stderr == "", select.stderr[-2000:]
-    evaluation = run_cli("eval", "--model", model, "--data", root / "data.jsonl", "--metric", "anls", "--out",
-                         root / "eval", "--max-new-tokens", 8, "--block-length", 8, cwd=root)
-    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
-    assert "Loading weights" not in evaluation.stderr and "Warning" not in evaluation.stderr
-    verbose = run_cli("generate", "-v", "--model", model, "--image", image, "--question", "What?",
-                      "--max-new-tokens", 8, cwd=root, warnings_as_errors=False)
-    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+    code, out, err = quiet_main(capsys, "generate", "--model", model, "--image", image, "--question", "What?",
+                                "--max-new-tokens", 8)
+    assert code == 0 and err == "" and "prefix tokens" in out
+    code, out, err = quiet_main(capsys, "select", image, "--model", model, "--out", root / "heat.png")
+    assert code == 0 and err == "" and "kept" in out
+    code, out, err = quiet_main(capsys, "eval", "--model", model, "--data", root / "data.jsonl", "--metric", "anls",
+                                "--out", root / "eval", "--max-new-tokens", 8, "--block-length", 8)
+    assert code == 0 and "Loading weights" not in err and "Warning" not in err  # its own progress bar only
+    code = main(["generate", "-v", "--model", str(model), "--image", str(image), "--question", "What?",
+                 "--max-new-tokens", "8"])
+    assert code == 0 and "Loading weights" in capsys.readouterr().err
 
 
-def test_written_files_follow_the_umask(workspace):
+def test_written_files_follow_the_umask(workspace, capsys):
     root, image, _ = workspace
     model = root / "model"
     for path in [model / "model.safetensors", model / "heatmap.png", model / "README.md", root / "heat.png",
                  *(root / "eval").iterdir()]:
         assert mode(path) == 0o644, path
-    private = run_cli("select", image, "--out", root / "private.png", cwd=root, umask=0o077)
-    assert private.returncode == 0 and mode(root / "private.png") == 0o600
+    previous = os.umask(0o077)
+    try:
+        assert main(["select", str(image), "--out", str(root / "private.png")]) == 0
+    finally:
+        os.umask(previous)
+    assert mode(root / "private.png") == 0o600
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
