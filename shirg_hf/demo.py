@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .export import save_model_folder
 from .fileio import atomic_folder
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
@@ -55,13 +56,13 @@ def kv_cache_bytes(config, prefix_length: int, dtype: torch.dtype) -> int:
 
 
 def run_demo(image: Image.Image, question: str, budget: int, max_new_tokens: int, out_dir: Path | None,
-             overwrite: bool, seed: int = 0) -> dict:
+             overwrite: bool, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Build the tiny model, answer `question` about `image`, save the heat-map (and the model with `out_dir`)."""
     config = demo_config(budget)
     torch.manual_seed(seed)
-    model = ShirgLavidaForDiffusionLM(config).eval()
+    model = ShirgLavidaForDiffusionLM(config).to(device, dtype).eval()
     processor = ShirgLavidaProcessor.from_model_config(config, build_tiny_tokenizer())
-    inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[build_prompt(question)], return_tensors="pt").to(device)
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -76,7 +77,7 @@ def run_demo(image: Image.Image, question: str, budget: int, max_new_tokens: int
 
     rows, cols = config.highres_grid
     picture = render_selection(
-        image, selection.scores[0], selection.kept_indices[0], config.highres_grid,
+        image, selection.scores[0].float().cpu(), selection.kept_indices[0].cpu(), config.highres_grid,
         title=f"SHIRG: kept K={budget} of {rows * cols} patches + 1 summary token",
         note="RANDOM WEIGHTS: tiny untrained model - shows the mechanics, not a trained selection",
         coverage_cells=tuple(config.selection["coverage_cells"]),
@@ -118,6 +119,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the tiny model's kernels gain nothing from more, "
                              "and threads competing with other processes for cores run 10-100x slower)")
+    add_device_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -126,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--question must not be empty")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    args.device = resolve_device(args.device)
     image = load_image(args.image) if args.image else make_demo_image()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         result = run_demo(image, args.question, args.budget, args.max_new_tokens,
-                          Path(args.out) if args.out else None, args.overwrite)
+                          Path(args.out) if args.out else None, args.overwrite, device=args.device,
+                          dtype=resolve_dtype(args.dtype, in_memory=True))
     finally:
         torch.set_num_threads(previous_threads)
     config = result["config"]
