@@ -333,6 +333,8 @@ def write_config_and_code(config, out_dir: Path) -> None:
     config.architectures = [model_class.__name__]
     if meta_model._auto_class is not None:
         custom_object_save(meta_model, out_dir, config=config)
+        if hasattr(meta_model, "add_task_auto_map"):  # the image-text-to-text pipeline's Auto class too
+            meta_model.add_task_auto_map()
     config.save_pretrained(out_dir)
     DiffusionGenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
