@@ -2,16 +2,23 @@
 
 A block may be marked by an HTML comment on the line before its fence: `<!-- readme-test: skip REASON -->` with
 REASON in `SKIP_REASONS` (it needs what the suite does not have), or `<!-- readme-test: covered by TEST_FILE -->`
-when that test file runs it. Python blocks share one namespace (the README's examples build on each other);
-bash blocks run with `bash -e` and one thread.
+when that test file runs it. Python blocks share one namespace (the README's examples build on each other). In bash blocks, a
+`shirg-hf ARGS` line runs `shirg_hf.cli.main(ARGS)` (the console script's entry point) and a `python SCRIPT.py ARGS`
+line runs the script as `__main__` with those arguments, both in this process (a fresh interpreter per command
+would cost seconds of imports each); any other line runs in `bash -e`. Everything runs with one thread.
 """
 
 import os
 import re
+import runpy
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from shirg_hf.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
@@ -62,6 +69,23 @@ def test_readme_blocks_run_as_written(tmp_path, monkeypatch):
             except Exception as error:
                 pytest.fail(f"{where} failed: {type(error).__name__}: {error}")
         else:
-            completed = subprocess.run(["bash", "-e", "-c", block["code"]], cwd=tmp_path, env=env,
-                                       capture_output=True, text=True, timeout=600)
-            assert completed.returncode == 0, f"{where} failed:\n{completed.stderr[-3000:]}"
+            for command in block["code"].replace("\\\n", " ").splitlines():
+                run_command(command, where, tmp_path, env, monkeypatch)
+
+
+def run_command(command: str, where: str, cwd: Path, env: dict, monkeypatch) -> None:
+    argv = shlex.split(command, comments=True)
+    if not argv:
+        return
+    if argv[0] == "shirg-hf":
+        assert main(argv[1:]) == 0, f"{where}: `{command.strip()}` failed"
+    elif argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
+        monkeypatch.setattr(sys, "argv", argv[1:])
+        try:
+            runpy.run_path(argv[1], run_name="__main__")
+        except SystemExit as exit_info:
+            assert exit_info.code in (None, 0), f"{where}: `{command.strip()}` exited {exit_info.code}"
+    else:
+        completed = subprocess.run(["bash", "-e", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                                   timeout=600)
+        assert completed.returncode == 0, f"{where}: `{command.strip()}` failed:\n{completed.stderr[-3000:]}"
