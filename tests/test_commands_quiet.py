@@ -61,9 +61,10 @@ def workspace(tmp_path_factory):
     return root, image, demo
 
 
-def test_version():
-    completed = subprocess.run([sys.executable, "-m", "shirg_hf.cli", "--version"], capture_output=True, text=True)
-    assert completed.returncode == 0 and completed.stdout.strip() == f"shirg-hf {shirg_hf.__version__}"
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"shirg-hf {shirg_hf.__version__}"
 
 
 def test_commands_print_their_result_and_nothing_else(workspace, capsys, umask_022):
