@@ -219,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
     selector = ShirgSelector(method=method, budget=budget, coverage_cells=coverage, seed=args.seed,
                              weights=tuple(selection_config["weights"]), summary=selection_config["summary"])
     num_patches = grid_size[0] * grid_size[1]
+    if not args.model and budget > num_patches:
+        raise ValueError(f"--budget {budget} exceeds the random tower's {num_patches} patches (--grid {args.grid}); "
+                         f"pass --grid {LAVIDA_GEOMETRY.highres_grid[0]} for LaViDa's "
+                         f"{LAVIDA_GEOMETRY.num_highres_patches:,} high-res patches, or --model DIR")
     selector.check_budget(budget, num_patches)
     selection = selector(features, grid_size=grid_size)
     summary = " + 1 summary token" if selection.has_summary else ""

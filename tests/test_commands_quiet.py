@@ -150,3 +150,10 @@ def test_adapter_folder_has_a_card_and_an_absolute_base(tmp_path, monkeypatch):
                      "| budgets trained on (K) | `144, 32` |", "| training data |", "Pillow", "peft"):
         assert expected in card, expected
     assert all(mode(path) == 0o644 for path in adapter.rglob("*") if path.is_file())
+
+
+def test_select_budget_beyond_the_random_tower_names_the_fix(tmp_path, capsys):
+    image = tmp_path / "page.png"
+    Image.new("RGB", (64, 48), "white").save(image)
+    assert main(["select", str(image), "--budget", "768", "--out", str(tmp_path / "heat.png")]) == 2
+    assert "pass --grid 48 for LaViDa's 2,304 high-res patches, or --model DIR" in capsys.readouterr().err
