@@ -118,8 +118,8 @@ def test_pipeline_remote_code_without_the_package(folder, loaded, images, tmp_pa
 def test_batch_settings_must_agree(loaded, images):
     model, processor = loaded
     inputs = processor(images=images, text=[build_prompt(q) for q in QUESTIONS])
-    inputs["shirg_budget"] = [inputs["shirg_budget"], inputs["shirg_budget"] - 1]
-    with pytest.raises(ValueError, match="shirg_budget differs between the rows"):
+    inputs["vision_mode"] = ["shirg", "full"]  # per-row copies, as pipelines collate them, must agree
+    with pytest.raises(ValueError, match="vision_mode differs between the rows"):
         model.generate(**inputs, **GENERATE)
 
 
