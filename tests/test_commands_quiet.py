@@ -1,6 +1,6 @@
 """Commands as a user runs them: quiet by default (`-v` restores the libraries' output), no warnings from our
 code, `--device`/`--dtype` everywhere, files written under the user's umask, `--version`, the adapter card, and
-`device_map="auto"`."""
+`device_map="auto"`. The demo's own output is checked in tests/test_cli.py and tests/test_readme.py."""
 
 import json
 import os
@@ -15,8 +15,10 @@ from PIL import Image
 from transformers import AutoModel
 
 import shirg_hf
+from shirg_hf import ShirgLavidaConfig, ShirgLavidaForDiffusionLM, ShirgLavidaProcessor, build_tiny_tokenizer
 from shirg_hf.cli import build_parser, main
 from shirg_hf.devices import resolve_device, resolve_dtype
+from shirg_hf.export import save_model_folder
 
 MODEL_COMMANDS = ("generate", "demo", "select", "eval", "compare")
 
@@ -51,14 +53,23 @@ def quiet_main(capsys, *args) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A demo model folder (written by `shirg-hf demo` in a fresh process with `-W error`, umask 022), an image and
-    a one-question data set."""
+    """A tiny model folder (`save_model_folder` under umask 022), an image, a one-question data set, and
+    `shirg-hf generate` on them run in a fresh process with `-W error`."""
     root = tmp_path_factory.mktemp("commands")
     image = root / "page.png"
     Image.new("RGB", (120, 90), (250, 250, 250)).save(image)
     (root / "data.jsonl").write_text(json.dumps({"image": str(image), "question": "What?", "answers": ["a"]}) + "\n")
-    demo = run_cli("demo", "--random-tiny", "--out", root / "model", "--max-new-tokens", "8", cwd=root)
-    return root, image, demo
+    config = ShirgLavidaConfig.tiny()
+    torch.manual_seed(0)
+    previous = os.umask(0o022)
+    try:
+        save_model_folder(ShirgLavidaForDiffusionLM(config).eval(),
+                          ShirgLavidaProcessor.from_model_config(config, build_tiny_tokenizer()), root / "model")
+    finally:
+        os.umask(previous)
+    fresh = run_cli("generate", "--model", root / "model", "--image", image, "--question", "What?",
+                    "--max-new-tokens", 8, cwd=root)
+    return root, image, fresh
 
 
 def test_version(capsys):
@@ -68,9 +79,9 @@ def test_version(capsys):
 
 
 def test_commands_print_their_result_and_nothing_else(workspace, capsys, umask_022):
-    root, image, demo = workspace
-    assert demo.returncode == 0 and demo.stderr == "", demo.stderr[-2000:]  # fresh process, -W error
-    assert "answer ids" in demo.stdout
+    root, image, fresh = workspace
+    assert fresh.returncode == 0 and fresh.stderr == "", fresh.stderr[-2000:]  # fresh process, -W error
+    assert "prefix tokens" in fresh.stdout
     model = root / "model"
     code, out, err = quiet_main(capsys, "generate", "--model", model, "--image", image, "--question", "What?",
                                 "--max-new-tokens", 8)
@@ -88,7 +99,7 @@ def test_commands_print_their_result_and_nothing_else(workspace, capsys, umask_0
 def test_written_files_follow_the_umask(workspace, capsys):
     root, image, _ = workspace
     model = root / "model"
-    for path in [model / "model.safetensors", model / "heatmap.png", model / "README.md", root / "heat.png",
+    for path in [model / "model.safetensors", model / "README.md", model / "tokenizer.json", root / "heat.png",
                  *(root / "eval").iterdir()]:
         assert mode(path) == 0o644, path
     previous = os.umask(0o077)
