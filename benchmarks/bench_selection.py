@@ -3,7 +3,10 @@
 Times `ShirgSelector` on N = 2,304 patches x D = 1,152 (672 px at patch 14) for batch 1 and 8, K in
 {512, 768, 1024}, float32 and bfloat16 inputs (median ms per image), the baselines side by side at K = 768, and,
 in the same run, one forward of the full-size truncated so400m tower (26 layers, random init) at 672 px per
-dtype, so the selection / forward ratio is printed. Goal: selection <= 1% of the forward on CPU.
+dtype, so the selection / forward ratio is printed. Goal: selection <= 1% of the forward on CPU, in fp32 and in bf16
+(bf16 features score with a bf16 Gram in symmetric tiles, see docs/selection.md); the fraction of kept patches that
+bf16 and fp32 selections share is printed too. On a shared machine run it as `nice -n 19` and read the ratios, which
+come from the same run, not the absolute times.
 
     python benchmarks/bench_selection.py                 # CPU, ~2-3 minutes on 2 cores
     python benchmarks/bench_selection.py --device cuda   # when a GPU is available
@@ -119,6 +122,25 @@ def main() -> None:
                                            device)
         print(f"| {method} | {wall:.1f} | {best:.1f} | {cpu:.1f} | {100 * wall / forward_ms['fp32'][0]:.2f}% | "
               f"{100 * cpu / forward_ms['fp32'][1]:.2f}% |")
+
+    print("\n### bf16 vs fp32 selections (shirg; the 8 fp32 feature maps above and their bf16 cast)\n")
+    print("Fraction of kept patches shared. 'bf16 Gram': the bf16 features scored by the bf16 path vs the same "
+          "values scored in fp32 (the Gram's effect alone); 'bf16 features': the bf16 path vs the fp32 features "
+          "(rounding the features to bf16 included).\n")
+    print("| K | bf16 Gram: mean | min | bf16 features: mean | min |")
+    print("|---|---|---|---|---|")
+    for budget in BUDGETS:
+        selector = ShirgSelector(budget=budget)
+        low = features["fp32"].to(torch.bfloat16)
+        with torch.inference_mode():
+            exact = selector(features["fp32"], grid_size=GRID).kept_indices
+            widened = selector(low.float(), grid_size=GRID).kept_indices
+            reduced = selector(low, grid_size=GRID).kept_indices
+        cells = []
+        for reference in (widened, exact):
+            shared = [len(set(a.tolist()) & set(b.tolist())) / budget for a, b in zip(reference, reduced, strict=True)]
+            cells += [f"{statistics.mean(shared):.4f}", f"{min(shared):.4f}"]
+        print(f"| {budget} | {' | '.join(cells)} |")
 
     selector = ShirgSelector(budget=768)
     trainable = features["fp32"][:1].clone().requires_grad_(True)

@@ -34,7 +34,8 @@ from .visual_tokens import (
 @dataclass
 class ShirgLavidaOutput(ModelOutput):
     """`loss` (masked-diffusion NLL, when labels are given), `logits` [B, T, V], `cache`, `hidden_states`,
-    plus what the vision front end produced: `image_token_counts` [B] and, for `shirg`, `kept_indices` [B, K]."""
+    plus what the vision front end produced: `image_token_counts` [B] and, for `shirg`, `kept_indices` [B, K]
+    ([B, K_max] padded with -1 when images have different K: adaptive K)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -299,14 +300,17 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
                 raise ValueError(f"input_ids contain {int(image_positions.sum())} image tokens (id {image_token_id}) "
                                  "but no pixel_values were given.")
             return inputs_embeds, None
-        vision_mode, selection_method, shirg_budget = (
+        vision_mode, selection_method = (
             _batch_setting(name, value) for name, value in (
-                ("vision_mode", vision_mode), ("selection_method", selection_method), ("shirg_budget", shirg_budget)))
+                ("vision_mode", vision_mode), ("selection_method", selection_method)))
         mode = get_vision_mode(vision_mode or self.config.vision_mode)
-        if mode.selects:
-            shirg_budget = self.config.selection["budget"] if shirg_budget is None else int(shirg_budget)
-            selection_method = selection_method or self.config.selection["method"]
         num_images = len(pixel_values)
+        budgets = [None] * num_images
+        if mode.selects:
+            shirg_budget = self.config.selection["budget"] if shirg_budget is None else shirg_budget
+            budgets = _per_image_budgets(shirg_budget, num_images)
+            shirg_budget = budgets[0] if len(set(budgets)) == 1 else budgets
+            selection_method = selection_method or self.config.selection["method"]
         rows = list(range(input_ids.shape[0])) if image_rows is None else image_rows.tolist()
         if len(rows) != input_ids.shape[0] or not all(0 <= index < num_images for index in rows):
             raise ValueError(f"image_rows must be [B] = [{input_ids.shape[0]}] indices into the {num_images} images, "
@@ -316,7 +320,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         if mode.anyres and image_sizes is None:
             raise ValueError(f"vision_mode={mode.name!r} needs image_sizes [B, 2] as (width, height) per image, as "
                              "ShirgLavidaProcessor returns them for this mode.")
-        expected = [num_image_tokens(mode.name, self.config.geometry, self.config.selection, budget=shirg_budget,
+        expected = [num_image_tokens(mode.name, self.config.geometry, self.config.selection, budget=budgets[index],
                                      method=selection_method,
                                      image_size=tuple(int(x) for x in image_sizes[index]) if mode.anyres else None)
                     for index in range(num_images)]
@@ -448,6 +452,21 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         )
 
 
+def _per_image_budgets(budget, num_images: int) -> list[int]:
+    """K of every image: one K for all, or one per image (adaptive K: the processor's list, or per-row copies)."""
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist()
+    if isinstance(budget, str):
+        raise ValueError(f"shirg_budget={budget!r}: the processor chooses adaptive K per image and returns it; pass "
+                         "the processor's output (its shirg_budget) to the model")
+    if not isinstance(budget, (list, tuple)):
+        return [int(budget)] * num_images
+    if len(budget) != num_images:
+        raise ValueError(f"shirg_budget holds {len(budget)} values for {num_images} images; pass one K, or one K per "
+                         "image as the processor returns them for shirg_budget='adaptive'")
+    return [int(value) for value in budget]
+
+
 def _batch_setting(name: str, value):
     """One value of a per-batch setting; a list of per-row copies (batches collated from single processor
     outputs, as pipelines build them) must hold one value."""
@@ -479,9 +498,20 @@ def shirg_front_end(model, pixel_values, image_sizes=None, method=None, budget=N
         inputs["attention"] = seen["attention"]
     else:
         features = _high_res_features(model, pixel_values, "shirg")
-    selection = selector(features, grid_size=model.config.highres_grid, budget=budget, method=method,
-                         inputs=inputs)  # tokens [B, K+1, Dv], kept [B, K]
-    return list(model.multi_modal_projector(selection.tokens).unbind(0)), selection.kept_indices
+    if not isinstance(budget, (list, tuple)):
+        selection = selector(features, grid_size=model.config.highres_grid, budget=budget, method=method,
+                             inputs=inputs)  # tokens [B, K+1, Dv], kept [B, K]
+        return list(model.multi_modal_projector(selection.tokens).unbind(0)), selection.kept_indices
+    # one K per image (adaptive K): each image is selected and projected as it would be alone; kept indices are
+    # padded with -1 to the largest K
+    embeds, kept = [], torch.full((len(budget), max(budget)), -1, dtype=torch.long, device=features.device)
+    for row, row_budget in enumerate(budget):
+        row_inputs = {name: value[row:row + 1] for name, value in inputs.items() if value is not None}
+        selection = selector(features[row:row + 1], grid_size=model.config.highres_grid, budget=row_budget,
+                             method=method, inputs=row_inputs)
+        embeds.append(model.multi_modal_projector(selection.tokens)[0])
+        kept[row, :row_budget] = selection.kept_indices[0]
+    return embeds, kept
 
 
 @vision_front_end("full")

@@ -2,8 +2,9 @@
 
 `ShirgSelector` runs once per image before diffusion starts, so the prefix KV cache never changes afterwards.
 Every method is an entry of the selection-method registry (`visual_tokens.py`); this module attaches the built-in
-scorers. Scoring runs in float32 on detached features; each image is scored on its own with stable sorts and
-thread-count invariant reductions, so results are identical alone or in a batch and for any thread count.
+scorers. Scoring runs in float32 on detached features (bf16 features: the importance Gram from bf16 inputs); each
+image is scored on its own with stable sorts and thread-count invariant reductions, so results are identical alone
+or in a batch and for any thread count.
 The algorithm, its measured design choices and the baselines are described in docs/selection.md.
 """
 
@@ -34,6 +35,8 @@ MAGNITUDE_CLIP_QUANTILE = 0.99
 # A score's range must exceed this many times its estimated float32 rounding error to be stretched to [0, 1]
 # (see `_noise_floors`): rounding noise is scaled to at most ~1/NOISE_MARGIN of the unit range.
 NOISE_MARGIN = 100.0
+# Rows per tile of the symmetric bf16 Gram of the importance score (N = 2,304: 4 x 4 tiles, 10 computed).
+GRAM_TILE = 576
 # Queries per block of the received-attention computation: [heads, block, N] float32 logits at a time.
 ATTENTION_QUERY_BLOCK = 256
 
@@ -91,6 +94,10 @@ def _noise_floors(num_tokens: int, dim: int, tau: float, max_magnitude: float) -
       carry three times that, plus two N-term sums.
     - M: a norm of D squares, relative to the largest magnitude.
     - G: the distance of two unit vectors (each off as above, difference norm <= 2): ~(3 rounding(D) + 4 eps).
+    - bf16 Gram (bf16 features): the rounding of each float32-accumulated cosine to bf16 is deterministic; two
+      kernels differ there only when their float32 results straddle a bf16 rounding boundary, with probability
+      (float32 error / bf16 ulp), by one ulp: the expected difference is the float32 error again, so the same
+      floors apply.
     """
     eps = torch.finfo(torch.float32).eps
     cosine = 2 * _rounding(dim) + 4 * eps
@@ -168,13 +175,19 @@ def _kernel_sharpness(unit: torch.Tensor) -> float:
     return float(KERNEL_SHARPNESS / (1.0 - mean_cosine).clamp_min(1e-3))
 
 
-def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) -> torch.Tensor:
+def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None,
+                      gram_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Redundancy-normalised received attention A [N] (unscaled, in nats) from unit-norm features [N, D].
 
     `received` [N]: attention each token receives from the tower (column sums of its row-stochastic attention);
-    by default it is that of the similarity softmax.
+    by default it is that of the similarity softmax. `gram_dtype=torch.bfloat16` (bf16 features) computes the
+    cosine Gram from bf16 inputs in symmetric tiles (`_bf16_kernel_sums`); everything else stays float32.
     """
     tau = _kernel_sharpness(unit)
+    if gram_dtype == torch.bfloat16:
+        look_alikes, similarity_received = _bf16_kernel_sums(unit, tau, need_received=received is None)
+        received = similarity_received if received is None else received.clamp_min(torch.finfo(torch.float32).tiny)
+        return received.log() - look_alikes.log()
     logits = torch.addmm(unit.new_tensor(-tau), unit, unit.T, alpha=tau)  # [N, N] tau (cos - 1)
     # exp(-60) ~ 1e-26 is nothing next to the diagonal's 1, and keeps every entry a normal float: subnormal
     # values (exp below -87) make exp and the sums below several times slower on x86 CPUs.
@@ -186,6 +199,50 @@ def importance_scores(unit: torch.Tensor, received: torch.Tensor | None = None) 
     else:
         received = received.clamp_min(torch.finfo(torch.float32).tiny)  # [N]
     return received.log() - look_alikes.log()
+
+
+def _bf16_kernel_sums(unit: torch.Tensor, tau: float, need_received: bool = True):
+    """(Z [N], column sums of P = K / Z [N] or None) of the similarity kernel K from a bf16 Gram, in float32.
+
+    The kernel is symmetric, so only the tiles (a, b), a <= b, of `GRAM_TILE` rows are computed (bf16 inputs,
+    float32 accumulation inside the product, its bf16 output widened to float32) of the features' residuals from
+    their mean (the rest of each cosine is float32); a tile below the diagonal is the transpose of its mirror by
+    definition. Every sum runs over tiles in a fixed order, each a row or column
+    reduction of one tile: deterministic and thread-count invariant.
+    """
+    num_tokens = unit.shape[0]
+    # cos(x_i, x_j) = m.m + m.r_i + m.r_j + r_i.r_j with m the mean unit vector and r_i = x_i - m: only r_i.r_j,
+    # of the size of 1 - cos (which tau scales up), comes from the bf16 product; the rest is float32.
+    mean = unit.sum(dim=0) / num_tokens  # [D]
+    residual = unit - mean  # [N, D]
+    offset = (residual * mean).sum(dim=1) + 0.5 * (mean * mean).sum() - 0.5  # [N]: m.r_i + (m.m - 1) / 2
+    low = residual.to(torch.bfloat16)
+    edges = list(range(0, num_tokens, GRAM_TILE)) + [num_tokens]
+    spans = list(zip(edges[:-1], edges[1:]))
+    look_alikes = unit.new_zeros(num_tokens)
+    tiles = {}
+    for a, (a0, a1) in enumerate(spans):
+        for b in range(a, len(spans)):
+            b0, b1 = spans[b]
+            tile = torch.matmul(low[a0:a1], low[b0:b1].T).to(torch.float32)  # [a1 - a0, b1 - b0] r_i.r_j
+            tile = tile.add_(offset[a0:a1, None]).add_(offset[None, b0:b1])  # cos - 1
+            tile = tile.mul_(tau).clamp_(min=-60.0).exp_()
+            if a == b:
+                tile.fill_diagonal_(1.0)
+            look_alikes[a0:a1] += tile.sum(dim=1)
+            if a != b:
+                look_alikes[b0:b1] += tile.sum(dim=0)
+            tiles[a, b] = tile
+    if not need_received:
+        return look_alikes, None
+    inverse = look_alikes.reciprocal()
+    received = unit.new_zeros(num_tokens)
+    for (a, b), tile in tiles.items():
+        (a0, a1), (b0, b1) = spans[a], spans[b]
+        if a != b:  # queries in tile b, keys in tile a (the mirror tile)
+            received[a0:a1] += (tile * inverse[None, b0:b1]).sum(dim=1)
+        received[b0:b1] += tile.mul_(inverse[a0:a1, None]).sum(dim=0)  # queries in tile a, keys in tile b
+    return look_alikes, received
 
 
 def magnitude_scores(features: torch.Tensor) -> torch.Tensor:
@@ -234,6 +291,7 @@ def score_components(
         raw = features.detach().to(torch.float32)  # [N, D]
         unit = nn.functional.normalize(raw, dim=-1)  # [N, D]
         num_tokens, dim = unit.shape
+        gram_dtype = torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float32
         magnitude = magnitude_scores(raw) if "magnitude" in names else None
         floors = _noise_floors(num_tokens, dim, _kernel_sharpness(unit) if "importance" in names else 0.0,
                                float(magnitude.max()) if magnitude is not None else 0.0)
@@ -249,7 +307,7 @@ def score_components(
                 raw_importance = received.clamp_min(torch.finfo(torch.float32).tiny).log()
                 floor = NOISE_MARGIN * (2 * _rounding(num_tokens) + 4 * torch.finfo(torch.float32).eps)
             else:
-                raw_importance, floor = importance_scores(unit, received), floors["importance"]
+                raw_importance, floor = importance_scores(unit, received, gram_dtype), floors["importance"]
             components["importance"] = _unit_range(raw_importance, floor)
         if magnitude is not None:
             components["magnitude"] = _unit_range(magnitude, floors["magnitude"], MAGNITUDE_CLIP_QUANTILE)

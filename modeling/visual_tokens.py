@@ -281,6 +281,24 @@ IMPORTANCE_SOURCES = ("similarity", "attention", "attention_normalised")
 SUMMARY_WEIGHTS = ("score", "attention")
 
 
+# Adaptive K (`shirg_budget="adaptive"` with `selection.adaptive_budget = [K_min, K_max]`): the processor counts the
+# image's "busy" patches in pixel space (mean absolute difference of neighbouring grey values above the threshold,
+# on the [-1, 1] pixel scale) and keeps that many times the margin, within [K_min, K_max]. See docs/selection.md.
+ADAPTIVE_BUDGET = "adaptive"
+ADAPTIVE_EDGE_THRESHOLD = 0.04
+ADAPTIVE_MARGIN = 1.25
+
+
+def adaptive_budget(busy_patches: int, selection: dict) -> int:
+    """K for an image with `busy_patches` busy patches: ceil(ADAPTIVE_MARGIN * busy) clipped to adaptive_budget."""
+    bounds = selection.get("adaptive_budget")
+    if bounds is None:
+        raise ValueError(f"shirg_budget={ADAPTIVE_BUDGET!r} needs `selection.adaptive_budget` = [K_min, K_max] in the "
+                         "model config (or processor) settings")
+    low, high = bounds
+    return min(max(math.ceil(ADAPTIVE_MARGIN * busy_patches), low), high)
+
+
 def needs_tower_attention(selection: dict, method: str | None = None) -> bool:
     """Whether the method, under these settings, reads a tower layer's received attention (input "attention")."""
     spec = get_selection_method(method or selection["method"])

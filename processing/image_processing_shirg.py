@@ -207,6 +207,22 @@ def flatten_images(images) -> list:
     return flat
 
 
+def busy_patch_count(pixel_values, patch_size: int, threshold: float) -> int:
+    """Patches of one preprocessed view [3, S, S] (values in [-1, 1]) whose mean absolute difference between
+    neighbouring grey values (horizontal and vertical pairs inside the patch) exceeds `threshold`.
+
+    The pixel-space signal of adaptive K: computed in float32 on the image alone, so it is the same for the image in
+    any batch.
+    """
+    grey = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32).mean(axis=0))  # [S, S]
+    rows, cols = grey.shape[0] // patch_size, grey.shape[1] // patch_size
+    patches = grey[: rows * patch_size, : cols * patch_size].reshape(rows, patch_size, cols, patch_size)
+    horizontal = np.abs(np.diff(patches, axis=3)).sum(axis=(1, 3))  # [rows, cols]
+    vertical = np.abs(np.diff(patches, axis=1)).sum(axis=(1, 3))
+    pairs = 2 * patch_size * (patch_size - 1)
+    return int(((horizontal + vertical) / pairs > threshold).sum())
+
+
 # ---- the image processor ----------------------------------------------------------------------------------
 class ShirgImageProcessorKwargs(ImagesKwargs, total=False):
     r"""

@@ -16,11 +16,14 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .image_processing_shirg import ShirgImageProcessor, flatten_images
+from .image_processing_shirg import ShirgImageProcessor, busy_patch_count, flatten_images
 from .visual_tokens import (
+    ADAPTIVE_BUDGET,
+    ADAPTIVE_EDGE_THRESHOLD,
     DEFAULT_VISION_MODE,
     LAVIDA_GEOMETRY,
     Geometry,
+    adaptive_budget,
     check_budget,
     check_selection,
     num_image_tokens,
@@ -241,7 +244,9 @@ class ShirgLavidaProcessor(ProcessorMixin):
         and preprocess `images` (one per `<image>` placeholder, in order; a flat list or one list per prompt).
 
         `vision_mode`, `selection_method` and `shirg_budget` (K) override the saved defaults for this call (the
-        last two for selecting modes only); the output records them. Prompts are padded on the LEFT by default
+        last two for selecting modes only); the output records them. `shirg_budget="adaptive"` picks K per image
+        from its pixels within `selection.adaptive_budget` (the output's `shirg_budget` is then the list of K per
+        image when they differ). Prompts are padded on the LEFT by default
         (generation); `add_special_tokens` is False because the chat template already writes BOS. Other
         kwargs go to the tokenizer's encoding call. `videos` and `audio` exist for ProcessorMixin's
         `apply_chat_template` and must stay None.
@@ -257,7 +262,10 @@ class ShirgLavidaProcessor(ProcessorMixin):
         if mode.selects:
             request = {"selection_method": selection_method or self.selection["method"],
                        "shirg_budget": self.selection["budget"] if shirg_budget is None else shirg_budget}
-            self.check_budget(request["shirg_budget"], request["selection_method"])
+            if request["shirg_budget"] == ADAPTIVE_BUDGET:
+                adaptive_budget(0, self.selection)  # refuses settings without adaptive_budget
+            else:
+                self.check_budget(request["shirg_budget"], request["selection_method"])
         elif shirg_budget is not None or selection_method is not None:
             raise ValueError(f"shirg_budget and selection_method only apply to selecting vision modes; "
                              f"vision_mode={mode.name!r} does not select.")
@@ -268,10 +276,15 @@ class ShirgLavidaProcessor(ProcessorMixin):
         if flat_images:
             image_inputs = self._process_images(flat_images, mode, return_tensors)
             sizes = image_inputs["image_sizes"] if mode.anyres else [None] * len(flat_images)
-            counts = [num_image_tokens(mode.name, self._geometry, self.selection, budget=request.get("shirg_budget"),
+            budgets = [request.get("shirg_budget")] * len(flat_images)
+            if request.get("shirg_budget") == ADAPTIVE_BUDGET:  # K per image from its pixels (docs/selection.md)
+                budgets = [adaptive_budget(busy_patch_count(view, self._geometry.patch_size, ADAPTIVE_EDGE_THRESHOLD),
+                                           self.selection) for view in image_inputs["pixel_values"]]
+                request["shirg_budget"] = budgets[0] if len(set(budgets)) == 1 else budgets
+            counts = [num_image_tokens(mode.name, self._geometry, self.selection, budget=budget,
                                        method=request.get("selection_method"),
                                        image_size=None if size is None else tuple(int(s) for s in size))
-                      for size in sizes]
+                      for size, budget in zip(sizes, budgets)]
 
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)
         counts_left = iter(counts)

@@ -9,6 +9,7 @@ tower sees.
 """
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_file
-from .modeling.selection_shirg import ShirgSelector
-from .modeling.visual_tokens import DEFAULT_SELECTION, LAVIDA_GEOMETRY, get_selection_method, selection_method_names
+from .modeling.selection_shirg import ShirgSelector, capture_received_attention
+from .modeling.visual_tokens import (
+    DEFAULT_SELECTION,
+    IMPORTANCE_SOURCES,
+    LAVIDA_GEOMETRY,
+    get_selection_method,
+    needs_tower_attention,
+    selection_method_names,
+)
 from .processing.image_processing_shirg import ShirgImageProcessor, load_image
 from .validation import check_model_source
 
@@ -166,6 +174,12 @@ def register(subparsers) -> None:
                         help="without --model: patches per side; the image is resized to GRID*14 pixels (default 24)")
     parser.add_argument("--coverage", type=int, nargs=2, metavar=("ROWS", "COLS"),
                         help="coverage cells (default: the model's, else 8 8)")
+    parser.add_argument("--importance", choices=IMPORTANCE_SOURCES,
+                        help="importance source: the feature-similarity proxy, or a tower layer's received attention "
+                             "(FastV-style, or normalised by look-alikes); default: the model's, else similarity")
+    parser.add_argument("--attention-layer", type=int, metavar="L",
+                        help="tower layer whose attention --importance reads (negative counts from the last; "
+                             "default: the model's, else the middle layer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tower and of the random baseline")
     parser.add_argument("--out", required=True, help="output PNG path")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -173,8 +187,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _features_from_model(model_path: str, image: Image.Image, dtype="auto", device="cpu"):
-    """Raw high-res tower features [1, N, D], grid size and selection settings of a saved model."""
+def _features_from_model(model_path: str, image: Image.Image, dtype="auto", device="cpu", overrides=None,
+                         method=None):
+    """Raw high-res tower features [1, N, D], the received attention [1, N] of the settings' tower layer when they
+    read it (else None), grid size and selection settings (the model's, updated with `overrides`)."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -184,9 +200,16 @@ def _features_from_model(model_path: str, image: Image.Image, dtype="auto", devi
     image_processor = AutoProcessor.from_pretrained(model_path).image_processor
     side = model.config.highres_image_size
     pixel_values = image_processor(image, size={"height": side, "width": side}, return_tensors="pt")["pixel_values"]
-    with torch.inference_mode():
+    selection = {**model.config.selection, **(overrides or {})}
+    layer = selection["attention_layer"] if needs_tower_attention(selection, method) else False
+    with torch.inference_mode(), _attention_capture(model.vision_tower.encoder, layer) as seen:
         features = model.vision_features(pixel_values.to(device, model.dtype))  # [1, N, D]
-    return features, model.config.highres_grid, model.config.selection
+    return features, seen.get("attention"), model.config.highres_grid, selection
+
+
+def _attention_capture(encoder, layer):
+    """`capture_received_attention(encoder, layer)`, or a context yielding an empty dict when `layer` is False."""
+    return contextlib.nullcontext({}) if layer is False else capture_received_attention(encoder, layer)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,30 +224,36 @@ def run(args: argparse.Namespace) -> int:
         check_model_source(args.model)
     device = resolve_device(args.device)
     image = load_image(args.image)
+    overrides = {name: value for name, value in (("importance", args.importance),
+                                                 ("attention_layer", args.attention_layer)) if value is not None}
     if args.model:
-        features, grid_size, selection_config = _features_from_model(args.model, image, resolve_dtype(args.dtype),
-                                                                     device)
+        features, attention, grid_size, selection_config = _features_from_model(
+            args.model, image, resolve_dtype(args.dtype), device, overrides, args.method)
         note = f"model: {args.model}"
     else:
         grid_size = (args.grid, args.grid)
-        selection_config = {**DEFAULT_SELECTION, "budget": RANDOM_TOWER_BUDGET}
+        selection_config = {**DEFAULT_SELECTION, "budget": RANDOM_TOWER_BUDGET, **overrides}
         dtype = resolve_dtype(args.dtype, in_memory=True)
         tower = random_tiny_tower(args.grid * PATCH_SIZE, args.seed).to(device, dtype)
-        features = tower_features(tower, pixel_values_for(image, args.grid * PATCH_SIZE).to(device, dtype))  # [1, N, D]
+        reads = needs_tower_attention(selection_config, args.method)
+        with _attention_capture(tower.encoder, selection_config["attention_layer"] if reads else False) as seen:
+            features = tower_features(tower, pixel_values_for(image, args.grid * PATCH_SIZE).to(device, dtype))
+        attention = seen.get("attention")
         note = "RANDOM WEIGHTS: randomly initialised tiny SigLIP (untrained) - shows the mechanics, not a trained model"
     features = features.float().cpu()  # selection and the picture in float32 on the CPU
+    attention = None if attention is None else attention.cpu()
     method = args.method or selection_config["method"]
     budget = args.budget if args.budget is not None else selection_config["budget"]
     coverage = tuple(args.coverage or selection_config["coverage_cells"])
-    selector = ShirgSelector(method=method, budget=budget, coverage_cells=coverage, seed=args.seed,
-                             weights=tuple(selection_config["weights"]), summary=selection_config["summary"])
+    selector = ShirgSelector(**{**selection_config, "method": method, "budget": budget, "coverage_cells": coverage,
+                                "seed": args.seed, "adaptive_budget": None})
     num_patches = grid_size[0] * grid_size[1]
     if not args.model and budget > num_patches:
         raise ValueError(f"--budget {budget} exceeds the random tower's {num_patches} patches (--grid {args.grid}); "
                          f"pass --grid {LAVIDA_GEOMETRY.highres_grid[0]} for LaViDa's "
                          f"{LAVIDA_GEOMETRY.num_highres_patches:,} high-res patches, or --model DIR")
     selector.check_budget(budget, num_patches)
-    selection = selector(features, grid_size=grid_size)
+    selection = selector(features, grid_size=grid_size, attentions=attention)
     summary = " + 1 summary token" if selection.has_summary else ""
     title = (f"SHIRG selection  method={method}  K={selection.kept_indices.shape[1]} of "
              f"{num_patches} patches{summary}")

@@ -1,0 +1,108 @@
+"""Evidence recall of SHIRG's score terms, their pairs, the seed-literal weights and candidate selectors (issue 15).
+
+Runs `shirg-hf compare --recall-only` (the same code path, in process) on a synth VALIDATION folder after
+registering one selection method per candidate, and prints one table: evidence recall % per K. Every choice
+documented in docs/selection.md comes from this script on the `val` split; never run it on `test` for tuning.
+
+    shirg-hf synth --out data/val --split val --n 1000 --seed 0
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/selection_recall.py --data data/val --tower random-evidence \
+        --out runs/recall-val-random
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/selection_recall.py --data data/val \
+        --tower shirg_hf/evidence_model --out runs/recall-val-trained
+
+`--tower`: a model folder (its `vision_tower.*` weights and its config), `tiny`, or `random-evidence` (a seeded
+random tower in the evidence model's geometry: 128 px, 16 x 16 patches, 4 layers, saved under --out).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from shirg_hf.compare import run_compare
+from shirg_hf.modeling.selection_shirg import score_components
+from shirg_hf.modeling.visual_tokens import SCORE_TERMS, SELECTION_METHODS, register_selection_method
+
+# name: (weights over importance / magnitude / gradient, importance source, coverage cells?)
+CANDIDATES = {
+    "c_i": ((1, 0, 0), "similarity", True),
+    "c_m": ((0, 1, 0), "similarity", True),
+    "c_g": ((0, 0, 1), "similarity", True),
+    "c_im": ((0.5, 0.5, 0), "similarity", True),
+    "c_ig": ((0.5, 0, 0.5), "similarity", True),
+    "c_mg": ((0, 0.5, 0.5), "similarity", True),
+    "c_seed": ((0.6, 0.25, 0.15), "similarity", True),
+    "c_ig37": ((0.3, 0, 0.7), "similarity", True),
+    "c_igm": ((0.35, 0.1, 0.55), "similarity", True),
+    "att": ((1, 0, 0), "attention", False),
+    "c_att": ((1, 0, 0), "attention", True),
+    "c_attn": ((1, 0, 0), "attention_normalised", True),
+    "c_att_g": ((0.5, 0, 0.5), "attention", True),
+    "c_attn_g": ((0.5, 0, 0.5), "attention_normalised", True),
+    "c_att_seed": ((0.6, 0.25, 0.15), "attention", True),
+    "c_attn_seed": ((0.6, 0.25, 0.15), "attention_normalised", True),
+}
+BUDGETS = {"tiny": (32, 48, 64), "evidence": (56, 84, 112)}
+
+
+def register_candidates() -> None:
+    for name, (weights, importance, coverage) in CANDIDATES.items():
+        if name in SELECTION_METHODS:
+            continue
+
+        def score(features, grid_size, settings, attention=None, _weights=weights, _importance=importance, **inputs):
+            names = tuple(term for weight, term in zip(_weights, SCORE_TERMS) if weight > 0)
+            parts = score_components(features, grid_size, attention, names, _importance)
+            return sum(weight * parts[term] for weight, term in zip(_weights, SCORE_TERMS) if term in parts)
+
+        register_selection_method(name, uses_coverage=coverage, requires=("attention",) if importance != "similarity"
+                                  else (), description=f"issue 15 candidate {weights} {importance}")(score)
+
+
+def random_evidence_tower(folder: Path) -> Path:
+    from shirg_hf.evidence import build_evidence_tokenizer, evidence_config, evidence_processor
+    from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
+
+    if not (folder / "processor_config.json").is_file():
+        tokenizer = build_evidence_tokenizer()
+        config = evidence_config(tokenizer)
+        torch.manual_seed(0)
+        ShirgLavidaForDiffusionLM(config).save_pretrained(folder)
+        evidence_processor(config, tokenizer).save_pretrained(folder, overwrite=True)
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a synth VALIDATION folder")
+    parser.add_argument("--tower", required=True, help="model folder, 'tiny' or 'random-evidence'")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    register_candidates()
+    tower = args.tower
+    if tower == "random-evidence":
+        tower = str(random_evidence_tower(out / "random-evidence-tower"))
+    budgets = BUDGETS["tiny" if tower == "tiny" else "evidence"]
+    names = ["shirg", "no_coverage", "importance", "magnitude", "gradient", "random", *CANDIDATES, "oracle"]
+    variants = ",".join(f"{name}:{k}" for k in budgets for name in names)
+    results = run_compare(args.data, variants, out / "compare", tower=tower, recall_only=True, limit=args.limit,
+                          batch_size=32, overwrite=True, progress=False)
+    recall = {entry["variant"]: entry["evidence_recall"] for entry in results["variants"]}
+    rows = ["| method | " + " | ".join(f"K = {k}" for k in budgets) + " | description |",
+            "|---|" + "---|" * (len(budgets) + 1)]
+    for name in names:
+        cells = " | ".join(f"{100 * recall[f'{name}:{k}']:.1f}" for k in budgets)
+        description = CANDIDATES.get(name, ("", "", ""))
+        rows.append(f"| {name} | {cells} | {description if name in CANDIDATES else ''} |")
+    table = "\n".join(rows)
+    (out / "recall_table.md").write_text(f"data {args.data}, tower {args.tower}, "
+                                         f"{results['num_questions']} questions\n\n{table}\n")
+    (out / "recall.json").write_text(json.dumps(recall, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
