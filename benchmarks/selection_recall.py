@@ -73,18 +73,60 @@ def random_evidence_tower(folder: Path) -> Path:
     return folder
 
 
+def adaptive_recall(data: str, tower_source: str, k_range: tuple[int, int], limit: int | None = None) -> dict:
+    """Evidence recall and mean K of `shirg` with adaptive K (the processor's pixel signal, `adaptive_budget`)."""
+    import datasets
+    import numpy as np
+
+    from shirg_hf.compare import _batch_inputs, load_tower, tower_config, tower_features
+    from shirg_hf.modeling.selection_shirg import ShirgSelector
+    from shirg_hf.modeling.visual_tokens import ADAPTIVE_EDGE_THRESHOLD, adaptive_budget
+    from shirg_hf.processing.image_processing_shirg import ShirgImageProcessor, busy_patch_count
+
+    config = tower_config(tower_source)
+    tower = load_tower(tower_source, config)
+    dataset = datasets.load_from_disk(data)
+    rows = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    side = config.highres_image_size
+    image_processor = ShirgImageProcessor(size={"height": side, "width": side})
+    settings = {**config.selection, "adaptive_budget": list(k_range)}
+    recalls, budgets = [], []
+    for start in range(0, len(rows), 32):
+        _, images, masks = _batch_inputs(dataset, Path(data), rows[start:start + 32], config)
+        pixels = image_processor(images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            features = tower_features(tower, config, pixels)
+        for view, feature, mask in zip(pixels, features, masks):
+            budget = adaptive_budget(busy_patch_count(view, config.geometry.patch_size, ADAPTIVE_EDGE_THRESHOLD),
+                                     settings)
+            kept = ShirgSelector(**{**settings, "budget": budget})(feature[None], grid_size=config.highres_grid)
+            if mask.sum():
+                recalls.append(float(mask[kept.kept_indices[0].numpy()].sum()) / float(mask.sum()))
+            budgets.append(budget)
+    return {"k_range": list(k_range), "mean_k": float(np.mean(budgets)), "min_k": min(budgets),
+            "max_k": max(budgets), "recall": float(np.mean(recalls))}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a synth VALIDATION folder")
     parser.add_argument("--tower", required=True, help="model folder, 'tiny' or 'random-evidence'")
     parser.add_argument("--out", required=True)
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--adaptive", type=int, nargs=2, metavar=("K_MIN", "K_MAX"),
+                        help="only measure shirg with adaptive K in [K_MIN, K_MAX] (mean K and recall)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     register_candidates()
     tower = args.tower
     if tower == "random-evidence":
         tower = str(random_evidence_tower(out / "random-evidence-tower"))
+    if args.adaptive:
+        result = adaptive_recall(args.data, tower, tuple(args.adaptive), args.limit)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adaptive.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return
     budgets = BUDGETS["tiny" if tower == "tiny" else "evidence"]
     names = ["shirg", "no_coverage", "importance", "magnitude", "gradient", "random", *CANDIDATES, "oracle"]
     variants = ",".join(f"{name}:{k}" for k in budgets for name in names)
