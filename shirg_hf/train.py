@@ -64,10 +64,11 @@ class ScriptArguments:
     eval_size: int = field(default=32, metadata={"help": "Held-out (or synthetic) evaluation rows."})
     synthetic_rows: int = field(default=512, metadata={"help": "Rows of the synthetic training set."})
     budgets: str | None = field(default=None, metadata={
-        "help": "Comma-separated keep budgets drawn per batch (selecting vision modes): 'full' (all patches), integers "
-                "K, fractions of the model's high-res patches in (0, 1], or a non-selecting vision mode such as "
-                "'lowres' (that batch uses the native view). Default full,1024,768,512, which fits the "
-                "2,304-patch LaViDa model; the tiny model has 144 patches (e.g. full,64,48,32)."})
+        "help": "Comma-separated keep budgets drawn per batch (selecting vision modes): 'baseline' (the native view), "
+                "'full' (all patches), integers K, fractions of the model's high-res patches in (0, 1], or a "
+                "non-selecting vision mode such as 'lowres' (that batch uses the native view). Default "
+                "baseline,1024,768,512 (the research plan's recipe), which fits the 2,304-patch LaViDa model; the "
+                "tiny model has 144 patches (e.g. full,64,48,32)."})
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (16 unless --adapter)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (32 unless --adapter)."})
     lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (0.05 unless --adapter)."})
