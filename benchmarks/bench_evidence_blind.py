@@ -8,10 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
+import datasets
 import torch
 
 from shirg_hf.compare import accuracy_summary, exact_match, group_by
-from shirg_hf.evaluation import load_vqa_dataset
 from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 from shirg_hf.processing.processing_shirg_lavida import ShirgLavidaProcessor, build_prompt
 
@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = ShirgLavidaForDiffusionLM.from_pretrained(args.model).eval()
     processor = ShirgLavidaProcessor.from_pretrained(args.model)
-    dataset, _, _ = load_vqa_dataset(Path(args.data), None)
+    dataset = datasets.load_from_disk(args.data)  # a `shirg-hf synth` folder
     rows = list(dataset.remove_columns(["image"]))[: args.limit]
     records = []
     for start in range(0, len(rows), args.batch_size):

@@ -1,10 +1,10 @@
-"""`shirg-hf demo`: the whole SHIRG-LaViDa pipeline on a tiny, randomly initialised model built locally.
-
-Image -> 672-style high-res SigLIP patches -> SHIRG selection (heat-map saved) -> projector -> LLaDA prefix cache
--> masked-diffusion answer. No downloads; the weights are random, so the answer is noise by design.
+"""`shirg-hf demo`: the shipped evidence model (trained from scratch, see docs/EVIDENCE-RESULTS.md) reads a detail
+of a fresh test-style image that its native view cannot; `--random-tiny` runs the whole SHIRG-LaViDa pipeline on a
+tiny, randomly initialised model instead (the mechanics; the answer is noise by design). No downloads.
 """
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -107,13 +107,22 @@ def run_demo(image: Image.Image, question: str, budget: int, max_new_tokens: int
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on a tiny random model (no downloads)",
-        description=__doc__.splitlines()[0],
+        help="the shipped trained model reads a detail at high resolution (--random-tiny: the mechanics on a "
+             "random model); no downloads",
+        description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--image", help="your own image file (default: a generated document page)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION, help="the question to ask about the image")
-    parser.add_argument("--budget", type=int, default=128, help="SHIRG budget K (of 576 patches; default 128)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length L (default 16)")
+    parser.add_argument("--random-tiny", action="store_true",
+                        help="run a tiny RANDOM model instead of the trained one (the pipeline's mechanics)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which fresh test-style image the trained model gets (default 0)")
+    parser.add_argument("--image", help="your own image file (default: a generated image)")
+    parser.add_argument("--question", help="the question to ask about the image (default: the generated image's "
+                                           "detail question; with --random-tiny: " + repr(DEFAULT_QUESTION) + ")")
+    parser.add_argument("--budget", type=int,
+                        help="SHIRG budget K (default: 84 of 256 patches for the trained model, 128 of 576 with "
+                             "--random-tiny)")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="answer length L for --random-tiny (default 16; the trained model uses its own 4)")
     parser.add_argument("--out", help="also save the model + processor + heat-map here as a save_pretrained folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     parser.add_argument("--threads", type=int, default=1,
@@ -124,16 +133,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.question.strip():
+    if args.question is not None and not args.question.strip():
         raise ValueError("--question must not be empty")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     args.device = resolve_device(args.device)
+    if not args.random_tiny:
+        return run_trained(args)
+    question = args.question or DEFAULT_QUESTION
     image = load_image(args.image) if args.image else make_demo_image()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        result = run_demo(image, args.question, args.budget, args.max_new_tokens,
+        result = run_demo(image, question, 128 if args.budget is None else args.budget, args.max_new_tokens,
                           Path(args.out) if args.out else None, args.overwrite, device=args.device,
                           dtype=resolve_dtype(args.dtype, in_memory=True))
     finally:
@@ -142,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     print("shirg-hf demo: a TINY model with RANDOM weights, built locally - the answer is noise by design.")
     print(f"  config: vision_mode={config.vision_mode}, high-res {config.highres_image_size} px -> "
           f"{config.num_highres_patches} patches, selection {config.selection}")
-    print(f"  question: {args.question}")
+    print(f"  question: {question}")
     print(f"  visual tokens in the prompt: {result['visual_tokens']} (K + 1 summary); prefix length "
           f"{result['prefix_length']} tokens; prefix KV cache {result['kv_cache_bytes'] / 1024:.1f} KiB")
     print(f"  timings ({args.threads} CPU thread{'s' if args.threads > 1 else ''}): vision tower "
@@ -151,6 +163,64 @@ def run(args: argparse.Namespace) -> int:
     print(f"  answer ids: {result['answer_ids']}")
     print(f"  answer: {result['answer']!r}")
     print(f"  selection heat-map: {result['heatmap']}")
+    if args.out:
+        print(f"  saved model + processor (save_pretrained folder): {Path(args.out).resolve()}")
+    return 0
+
+
+def run_trained(args: argparse.Namespace) -> int:
+    """The shipped evidence model on a fresh test-style image (or --image/--question): three views side by side."""
+    from . import evidence_demo
+
+    if args.image is not None and args.question is None:
+        raise ValueError("--image needs --question (the trained model answers questions like the synth set's, e.g. "
+                         "'What is in the red tag?')")
+    model_dir = evidence_demo.evidence_model_path()
+    if args.image is not None:
+        image, question, truth = load_image(args.image), args.question, None
+    else:
+        image, question, truth = evidence_demo.demo_sample(args.seed)
+        question = args.question or question
+        truth = truth if args.question is None else None
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        model, processor = evidence_demo.load_trained(model_dir, args.device, resolve_dtype(args.dtype))
+        budget = model.config.selection["budget"] if args.budget is None else args.budget
+        processor.check_budget(budget)
+        results = evidence_demo.answer_views(model, processor, image, question, budget)
+        kept = evidence_demo.kept_patches(model, processor, image, budget)
+    finally:
+        torch.set_num_threads(previous_threads)
+    picture = evidence_demo.demo_picture(image, model.config.vision_config.image_size, model.config.highres_grid,
+                                         kept, question, truth, results)
+    if args.out:
+        out = Path(args.out)
+        with atomic_folder(out, overwrite=args.overwrite) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            picture.save(staging / "demo.png")
+        picture_path = out / "demo.png"
+    else:
+        picture_path = save_png_atomically(picture, Path(tempfile.mkdtemp(prefix="shirg-demo-")) / "demo.png", False)
+    config = model.config
+    print(f"shirg-hf demo: the shipped evidence model ({model_dir}), trained from scratch on `shirg-hf synth` data")
+    print(f"  image: {'your ' + str(args.image) if args.image else f'test-style image, --seed {args.seed}'}, drawn "
+          f"at {config.highres_image_size} px; native view {config.vision_config.image_size} px")
+    print(f"  question: {question}" + ("" if truth is None else f"   truth: {truth}"))
+    threads = f"{args.threads} CPU thread{'s' if args.threads > 1 else ''}"
+    for result in results:
+        verdict = "" if truth is None else ("  correct" if result["answer"].lower() == truth.lower() else "  wrong")
+        print(f"  {result['view']:>22}: {result['answer']!r:8} {result['visual_tokens']:4d} visual tokens, prefix "
+              f"{result['prefix_tokens']} tokens, KV cache {result['kv_cache_bytes'] / 1024:.0f} KiB, "
+              f"{result['seconds'] * 1e3:.1f} ms per answer ({threads}, after a warm-up){verdict}")
+    measured = model_dir / "evidence_results.json"
+    if measured.is_file():
+        results = json.loads(measured.read_text(encoding="utf-8"))
+        shown = ", ".join(f"{name} {100 * value:.1f} %" for name, value in results["detail_accuracy"].items())
+        print(f"  this model on {results['test_questions']} test questions (detail accuracy): {shown}; "
+              f"{results['note']}")
+    print(f"  picture (both sides, kept tokens, answers): {picture_path}")
     if args.out:
         print(f"  saved model + processor (save_pretrained folder): {Path(args.out).resolve()}")
     return 0

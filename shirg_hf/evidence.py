@@ -549,9 +549,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---- shipping ----------------------------------------------------------------------------------------------
-def ship(run_dir: Path, dest: Path, card: str | None = None) -> None:
+RESULTS_NAME = "evidence_results.json"
+
+
+def ship(run_dir: Path, dest: Path, card: str | None = None, results: dict | None = None) -> None:
     """Save a run's merged model (root), stage-1 base (`stage1/`) and adapter (`adapter/`) into `dest`, the
-    package's `evidence_model` folder; `card` replaces the merged model's README.md."""
+    package's `evidence_model` folder; `card` replaces the merged model's README.md; `results` (measured
+    accuracies, e.g. {"test_questions": 2000, "detail_accuracy": {"lowres": 0.05, ...}}) is saved as
+    `evidence_results.json` for the demo to quote."""
     import shutil
 
     run_dir, dest = Path(run_dir), Path(dest)
@@ -567,6 +572,8 @@ def ship(run_dir: Path, dest: Path, card: str | None = None) -> None:
     (staging / "adapter" / "README.md").unlink(missing_ok=True)
     if card is not None:
         (staging / "README.md").write_text(card, encoding="utf-8")
+    if results is not None:
+        (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name in ("settings.json", "timing.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / f"training_{name}")

@@ -66,7 +66,7 @@ def tiny_models():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_inputs") / "model"
-    assert cli.main(["demo", "--out", str(folder), "--max-new-tokens", "4"]) == 0
+    assert cli.main(["demo", "--random-tiny", "--out", str(folder), "--max-new-tokens", "4"]) == 0
     return folder
 
 

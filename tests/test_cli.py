@@ -29,7 +29,7 @@ def test_console_script_entry_point():
 
 def test_demo_saves_a_loadable_folder_and_generate_uses_it(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max-new-tokens", "8"]) == 0
+    assert main(["demo", "--random-tiny", "--out", str(out), "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed and "prefix KV cache" in printed and "answer ids" in printed
     for name in ("config.json", "model.safetensors", "processor_config.json", "heatmap.png", "README.md",
@@ -38,7 +38,7 @@ def test_demo_saves_a_loadable_folder_and_generate_uses_it(tmp_path, capsys):
     heatmap = Image.open(out / "heatmap.png")
     assert heatmap.width > heatmap.height > 100
 
-    assert main(["demo", "--out", str(out)]) == 2  # never overwrites without asking
+    assert main(["demo", "--random-tiny", "--out", str(out)]) == 2  # never overwrites without asking
     assert "--overwrite" in capsys.readouterr().err
 
     image = tmp_path / "page.png"
@@ -61,8 +61,8 @@ def test_demo_saves_a_loadable_folder_and_generate_uses_it(tmp_path, capsys):
 def test_demo_on_a_user_image_with_a_question(tmp_path, capsys):
     image = tmp_path / "mine.png"
     Image.new("RGB", (200, 150), (10, 200, 30)).save(image)
-    assert main(["demo", "--image", str(image), "--question", "Which colour dominates?", "--budget", "96",
-                 "--max-new-tokens", "8"]) == 0
+    assert main(["demo", "--random-tiny", "--image", str(image), "--question", "Which colour dominates?",
+                 "--budget", "96", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     assert "Which colour dominates?" in printed and "97 (K + 1 summary)" in printed
     assert main(["demo", "--question", "  "]) == 2
@@ -71,8 +71,8 @@ def test_demo_on_a_user_image_with_a_question(tmp_path, capsys):
 def test_demo_chooses_its_thread_count_and_restores_the_callers(monkeypatch, capsys):
     before, calls, set_num_threads = torch.get_num_threads(), [], torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda count: calls.append(count) or set_num_threads(count))
-    assert main(["demo", "--max-new-tokens", "4"]) == 0
-    assert main(["demo", "--max-new-tokens", "4", "--threads", "2"]) == 0
+    assert main(["demo", "--random-tiny", "--max-new-tokens", "4"]) == 0
+    assert main(["demo", "--random-tiny", "--max-new-tokens", "4", "--threads", "2"]) == 0
     capsys.readouterr()
     assert calls == [1, before, 2, before] and torch.get_num_threads() == before  # 1 unless asked, then restored
     assert main(["demo", "--threads", "0"]) == 2

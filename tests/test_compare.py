@@ -21,7 +21,7 @@ NUM_QUESTIONS = 6
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare") / "demo_model"
-    assert cli.main(["demo", "--out", str(folder), "--max-new-tokens", "4"]) == 0
+    assert cli.main(["demo", "--random-tiny", "--out", str(folder), "--max-new-tokens", "4"]) == 0
     return folder
 
 

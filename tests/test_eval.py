@@ -30,7 +30,7 @@ def make_image(index: int) -> PIL.Image.Image:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval") / "demo_model"
-    assert cli.main(["demo", "--out", str(folder), "--max-new-tokens", "4"]) == 0
+    assert cli.main(["demo", "--random-tiny", "--out", str(folder), "--max-new-tokens", "4"]) == 0
     return folder
 
 

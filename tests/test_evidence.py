@@ -1,0 +1,212 @@
+"""The evidence model (issue 14): tokenizer and prompts, a smoke run of both training stages, the shipped checkpoint
+(accuracy floor / ceiling on fresh questions, loading without the package) and the trained demo."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from isolation import BLOCK_SHIRG_HF
+from shirg_hf import build_prompt, evidence
+from shirg_hf.cli import main
+from shirg_hf.compare import exact_match
+from shirg_hf.evidence_demo import evidence_model_path
+from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
+from shirg_hf.processing.processing_shirg_lavida import ShirgLavidaProcessor
+from shirg_hf.synth import generate_sample
+
+# The floor and ceiling come from the shipped model's accuracy on the 2,000-question test table (saved with it in
+# evidence_results.json; BENCHMARKS.md, "Evidence model"), minus / plus 4 standard errors of a 200-question
+# sample. The CI sample is fresh: test split, seed 7, never in a table or in training.
+CI_QUESTIONS, CI_SEED = 200, 7
+STANDARD_ERRORS = 4.0
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+# ---- tokenizer and prompts --------------------------------------------------------------------------------
+def test_tokenizer_round_trips_every_synth_text_without_unknowns():
+    tokenizer = evidence.build_evidence_tokenizer()
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    for text in evidence.evidence_texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert unk not in ids, text
+        assert tokenizer.decode(ids) == text
+    two_glyphs = tokenizer("K8", add_special_tokens=False)["input_ids"]
+    assert len(two_glyphs) == 2  # one token per glyph: answers are read glyph by glyph
+    assert len(tokenizer) <= evidence.evidence_config(tokenizer).text_config.vocab_size
+
+
+@pytest.mark.parametrize("mode,budget", [("lowres", None), ("full", None), ("shirg", 56), ("shirg", 112)])
+def test_prompt_builder_gives_the_processor_ids(mode, budget):
+    tokenizer = evidence.build_evidence_tokenizer()
+    config = evidence.evidence_config(tokenizer)
+    processor = evidence.evidence_processor(config, tokenizer, vision_mode=mode)
+    builder = evidence.PromptBuilder(processor)
+    for index in range(6):
+        sample = generate_sample("val", 0, index)
+        kwargs = {} if budget is None else {"shirg_budget": budget}
+        encoded = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], **kwargs)
+        count = processor.num_image_tokens(budget=budget)
+        assert encoded["input_ids"][0].tolist() == builder.prompt_ids(sample.row["question"], count)
+
+
+def test_noised_batch_is_complementary_and_answers_fill_the_window():
+    tokenizer = evidence.build_evidence_tokenizer()
+    config = evidence.evidence_config(tokenizer)
+    builder = evidence.PromptBuilder(evidence.evidence_processor(config, tokenizer, vision_mode="lowres"))
+    batch = evidence.noised_batch(builder, ["What is in the red tag?", "Which bar is the tallest?"], ["K8", "red"],
+                                  81, config.text_config.mask_token_id, torch.Generator().manual_seed(0))
+    labels = batch["labels"]
+    assert labels.shape[0] == 4 and batch["image_rows"].tolist() == [0, 1, 0, 1]
+    for row in range(2):  # every answer position is a target in exactly one of the two copies
+        prefix = int(batch["prefix_lengths"][row])
+        first, second = labels[row, prefix:] != -100, labels[row + 2, prefix:] != -100
+        assert bool((first ^ second).all())
+        assert labels.shape[1] - prefix >= evidence.ANSWER_TOKENS
+
+
+def test_stage2_views_are_a_function_of_seed_and_step_and_cover_the_set():
+    settings = evidence.EvidenceSettings()
+    draws = [evidence.view_of_batch(settings, step) for step in range(200)]
+    assert draws == [evidence.view_of_batch(settings, step) for step in range(200)]
+    assert set(draws) == set(evidence.VIEWS) == {"lowres", "full", 56, 84, 112}
+
+
+# ---- training smoke run -----------------------------------------------------------------------------------
+def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
+    settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
+                                         stage2_batch=3, checkpoint_every=1)
+    stage1 = evidence.train_stage1(tmp_path, settings)
+    assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
+    evidence.train_stage2(stage1, tmp_path, settings)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "step" in r] == [2, 5]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
+    merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
+    changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
+    assert changed and all(name.startswith("multi_modal_projector.") for name in changed)  # only the LoRA'd projector
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    processor = ShirgLavidaProcessor.from_pretrained(tmp_path / "model")
+    sample = generate_sample("val", 0, 0)
+    inputs = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], return_tensors="pt")
+    assert merged.generate(**inputs).shape == (1, evidence.ANSWER_TOKENS)
+
+
+# ---- the shipped checkpoint -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    path = evidence_model_path()
+    model = ShirgLavidaForDiffusionLM.from_pretrained(path).eval()
+    return path, model
+
+
+def accuracy(model, path, vision_mode: str, budget=None) -> float:
+    processor = ShirgLavidaProcessor.from_pretrained(path)
+    samples = [generate_sample("test", CI_SEED, index) for index in range(CI_QUESTIONS)]
+    correct = []
+    for start in range(0, len(samples), 50):
+        chunk = samples[start:start + 50]
+        kwargs = {} if budget is None else {"shirg_budget": budget}
+        inputs = processor(images=[s.image for s in chunk], text=[build_prompt(s.row["question"]) for s in chunk],
+                           vision_mode=vision_mode, return_tensors="pt", **kwargs)
+        with torch.inference_mode():
+            answers = processor.batch_decode(model.generate(**inputs))
+        correct += [exact_match(a, s.row["answers"]) for a, s in zip(answers, chunk)]
+    return float(np.mean(correct))
+
+
+def table_accuracy(path, variant: str) -> float:
+    return json.loads((path / "evidence_results.json").read_text())["overall_accuracy"][variant]
+
+
+def test_shipped_model_with_shirg_stays_above_the_floor(shipped):
+    path, model = shipped
+    table = table_accuracy(path, f"shirg:{evidence.EVIDENCE_MIDDLE_BUDGET}")
+    measured = accuracy(model, path, "shirg", evidence.EVIDENCE_MIDDLE_BUDGET)
+    floor = table - STANDARD_ERRORS * standard_error(table, CI_QUESTIONS)
+    assert measured >= floor, (measured, floor)
+
+
+def test_shipped_native_view_stays_below_the_ceiling(shipped):
+    path, model = shipped
+    table = table_accuracy(path, "lowres")
+    measured = accuracy(model, path, "lowres")
+    ceiling = table + STANDARD_ERRORS * standard_error(table, CI_QUESTIONS)
+    assert measured <= ceiling, (measured, ceiling)
+
+
+def test_shipped_folder_layout_and_size():
+    root = evidence_model_path()
+    assert evidence_model_path("stage1").parent == root and evidence_model_path("adapter").parent == root
+    adapter = json.loads((evidence_model_path("adapter") / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "stage1" and adapter["r"] >= 1
+    total = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    assert total <= 20 * 2**20
+    with pytest.raises(ValueError):
+        evidence_model_path("weights")
+
+
+LOAD_WITHOUT_PACKAGE = BLOCK_SHIRG_HF + """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+path, image_path, question = sys.argv[1], sys.argv[2], sys.argv[3]
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+inputs = processor(images=[Image.open(image_path)], text=[processor.build_prompt(question)], return_tensors="pt")
+with torch.inference_mode():
+    print(json.dumps({"answer": processor.batch_decode(model.generate(**inputs))[0],
+                      "module": type(model).__module__}))
+"""
+
+
+def test_shipped_model_loads_with_transformers_alone(shipped, tmp_path):
+    path, model = shipped
+    sample = generate_sample("test", CI_SEED, 0)
+    sample.image.save(tmp_path / "image.png")
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(path), str(tmp_path / "image.png"),
+                             sample.row["question"]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["module"].startswith("shirg_hf")
+    processor = ShirgLavidaProcessor.from_pretrained(path)
+    inputs = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], return_tensors="pt")
+    with torch.inference_mode():
+        assert report["answer"] == processor.batch_decode(model.generate(**inputs))[0]
+
+
+# ---- demo ------------------------------------------------------------------------------------------------
+def test_demo_runs_the_trained_model_and_writes_its_picture(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--seed", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for view in ("native view", "all high-res tokens", "SHIRG K=84", "truth:", "1 CPU thread"):
+        assert view in printed
+    from PIL import Image
+
+    with Image.open(out / "demo.png") as picture:
+        assert picture.width >= 700
+    assert (out / "config.json").is_file()
+
+
+def test_demo_random_tiny_keeps_the_old_path(tmp_path, capsys):
+    assert main(["demo", "--random-tiny", "--max-new-tokens", "4"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+
+
+def test_demo_image_needs_a_question(tmp_path):
+    sample = generate_sample("test", CI_SEED, 1)
+    sample.image.save(tmp_path / "mine.png")
+    assert main(["demo", "--image", str(tmp_path / "mine.png")]) == 2
+    assert main(["demo", "--image", str(tmp_path / "mine.png"), "--question", sample.row["question"]]) == 0
