@@ -42,6 +42,9 @@ CANDIDATES = {
     "c_attn_g": ((0.5, 0, 0.5), "attention_normalised", True),
     "c_att_seed": ((0.6, 0.25, 0.15), "attention", True),
     "c_attn_seed": ((0.6, 0.25, 0.15), "attention_normalised", True),
+    "n_ig37": ((0.3, 0, 0.7), "similarity", False),
+    "n_ig15": ((0.15, 0, 0.85), "similarity", False),
+    "n_attn_g37": ((0.3, 0, 0.7), "attention_normalised", False),
 }
 BUDGETS = {"tiny": (32, 48, 64), "evidence": (56, 84, 112)}
 
