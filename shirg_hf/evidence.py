@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from .modeling.configuration_llada import LladaConfig
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.generation_diffusion import DiffusionGenerationConfig
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
+from .modeling.visual_tokens import get_vision_mode, vision_mode_names
 from .processing.processing_shirg_lavida import (
     LAVIDA_SYSTEM_PROMPT, LLADA_CHAT_TEMPLATE, ShirgLavidaProcessor, build_prompt,
 )
@@ -37,7 +38,22 @@ from .training import _seeded_generator, complementary_noising, projector_lora_c
 # ---- geometry and sizes (EVIDENCE.md's CPU-scale analogue of LaViDa 384 / 672 px) ------------------------------
 EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
-VIEWS = ("lowres", "full") + EVIDENCE_BUDGETS  # stage 2 draws one per batch
+
+
+def _registered_mode(view_side: str, selects: bool) -> str:
+    """The registered single-view vision mode (not anyres) with this view side and selection flag."""
+    return next(name for name in vision_mode_names() if (spec := get_vision_mode(name)).view_side == view_side
+                and spec.selects == selects and not spec.anyres)
+
+
+NATIVE_VIEW = _registered_mode("native", False)  # the tower's own 72 px view (81 tokens)
+ALL_TOKENS = _registered_mode("highres", False)  # every patch of the 128 px view (256 tokens)
+SELECTING = _registered_mode("highres", True)  # SHIRG: K of the 256 patches (+ 1 summary)
+
+
+def default_views() -> tuple:
+    """The views stage 2 draws one of per batch: the native view, all high-res tokens and K1, K2, K3."""
+    return (NATIVE_VIEW, ALL_TOKENS) + EVIDENCE_BUDGETS
 STAGE1_GLYPH_SCALES = (1.6, 1.9, 2.2)  # glyphs about 6.2 / 7.3 / 8.4 px tall in the 72 px native view
 FORM_MAX_GLYPH_SCALE = 1.6  # a 128 px form page holds no title + two key:value lines above this
 ANSWER_TOKENS = 4  # the generation window: the longest answer (two glyphs) + <|eot_id|> fits
@@ -100,7 +116,7 @@ def _split_specials(text: str) -> list[str]:
 
 
 # ---- config ------------------------------------------------------------------------------------------------
-def evidence_config(tokenizer=None, vision_mode: str = "shirg") -> ShirgLavidaConfig:
+def evidence_config(tokenizer=None, vision_mode: str = SELECTING) -> ShirgLavidaConfig:
     """The evidence model: SigLIP d128 x 4 layers at 72 px (9x9 patches of 8 px; 128 px = 16x16 high-res),
     projector 128 -> 128 -> 128, LLaDA d128 x 3 layers (SwiGLU 352), K = 84 of 256 with 4x4 coverage cells."""
     tokenizer = tokenizer or build_evidence_tokenizer()
@@ -252,7 +268,7 @@ class EvidenceSettings:
     stage2_batch: int = 24
     stage2_lr: float = 2e-3
     stage2_data_seed: int = 2
-    stage2_views: tuple = VIEWS
+    stage2_views: tuple = field(default_factory=default_views)
     stage2_train: str = "lora"  # lora | projector
     lora_rank: int = 4
     val_questions: int = 300
@@ -294,7 +310,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     if (final / "config.json").is_file():
         return final
     tokenizer = tokenizer or build_evidence_tokenizer()
-    config = evidence_config(tokenizer, vision_mode="lowres")
+    config = evidence_config(tokenizer, vision_mode=NATIVE_VIEW)
     processor = evidence_processor(config, tokenizer)
     builder = PromptBuilder(processor)
     torch.manual_seed(settings.seed)
@@ -320,7 +336,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         pixels = image_processor([e.image for e in examples], size={"height": native, "width": native},
                                  do_anyres=False, return_tensors="pt")["pixel_values"]
         batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
-                             processor.num_image_tokens(vision_mode="lowres"), config.text_config.mask_token_id,
+                             processor.num_image_tokens(vision_mode=NATIVE_VIEW), config.text_config.mask_token_id,
                              _seeded_generator(settings.seed, 1, step))
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
@@ -343,7 +359,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step + 1}, checkpoint)
     model.eval()
-    model.config.vision_mode = "shirg"
+    model.config.vision_mode = SELECTING
     model.generation_config = evidence_generation_config(model.config)
     staging = out / "stage1.partial"
     model.save_pretrained(staging)
@@ -381,9 +397,9 @@ def view_of_batch(settings: EvidenceSettings, step: int):
 
 def visual_tokens_for_view(model, features_low, features_high, view):
     """(projected visual tokens [B, n, H], n) of a batch under `view`."""
-    if view == "lowres":
+    if view == NATIVE_VIEW:
         features = features_low
-    elif view == "full":
+    elif view == ALL_TOKENS:
         features = features_high
     else:
         features = model.selector(features_high, grid_size=model.config.highres_grid, budget=int(view)).tokens
@@ -461,7 +477,7 @@ def quick_accuracy(model, processor, examples: list[Example], vision_mode: str, 
     from .compare import exact_match
 
     correct = []
-    kwargs = {} if vision_mode != "shirg" else {"shirg_budget": budget}
+    kwargs = {"shirg_budget": budget} if get_vision_mode(vision_mode).selects else {}
     for start in range(0, len(examples), batch):
         chunk = examples[start:start + batch]
         inputs = processor(images=[e.image for e in chunk], text=[build_prompt(e.question) for e in chunk],
@@ -495,7 +511,7 @@ def register(subparsers) -> None:
                         help="train images whose tower features stage 2 caches")
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="stage-2 optimizer steps")
     parser.add_argument("--stage2-batch", type=int, default=defaults.stage2_batch, help="stage-2 rows per step")
-    parser.add_argument("--stage2-views", default=",".join(map(str, VIEWS)),
+    parser.add_argument("--stage2-views", default=",".join(map(str, default_views())),
                         help="views drawn per stage-2 batch: lowres, full and budgets K "
                              "(default lowres,full,56,84,112)")
     parser.add_argument("--stage2-train", default=defaults.stage2_train, choices=("lora", "projector"),
@@ -508,7 +524,7 @@ def register(subparsers) -> None:
 def parse_views(text: str) -> tuple:
     views = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part in ("lowres", "full"):
+        if part in (NATIVE_VIEW, ALL_TOKENS):
             views.append(part)
         elif part.isdigit() and 16 <= int(part) <= 256:
             views.append(int(part))
@@ -555,7 +571,7 @@ RESULTS_NAME = "evidence_results.json"
 def ship(run_dir: Path, dest: Path, card: str | None = None, results: dict | None = None) -> None:
     """Save a run's merged model (root), stage-1 base (`stage1/`) and adapter (`adapter/`) into `dest`, the
     package's `evidence_model` folder; `card` replaces the merged model's README.md; `results` (measured
-    accuracies, e.g. {"test_questions": 2000, "detail_accuracy": {"lowres": 0.05, ...}}) is saved as
+    accuracies, e.g. {"test_questions": 2000, "detail_accuracy": {"native view": 0.05, ...}}) is saved as
     `evidence_results.json` for the demo to quote."""
     import shutil
 

@@ -54,8 +54,11 @@ def answer_views(model, processor, image: Image.Image, question: str, budget: in
     from .demo import kv_cache_bytes
 
     results = []
-    for name, mode in (("native view", "lowres"), ("all high-res tokens", "full"), (f"SHIRG K={budget}", "shirg")):
-        kwargs = {"shirg_budget": budget} if mode == "shirg" else {}
+    from .evidence import ALL_TOKENS, NATIVE_VIEW, SELECTING
+
+    views = (("native view", NATIVE_VIEW), ("all high-res tokens", ALL_TOKENS), (f"SHIRG K={budget}", SELECTING))
+    for name, mode in views:
+        kwargs = {"shirg_budget": budget} if mode == SELECTING else {}
         inputs = processor(images=[image], text=[build_prompt(question)], vision_mode=mode, return_tensors="pt",
                            **kwargs).to(model.device)
         answer_ids = model.generate(**inputs)
@@ -76,7 +79,9 @@ def answer_views(model, processor, image: Image.Image, question: str, budget: in
 
 @torch.inference_mode()
 def kept_patches(model, processor, image: Image.Image, budget: int) -> np.ndarray:
-    pixels = processor(images=[image], text=[build_prompt("?")], vision_mode="shirg", shirg_budget=budget,
+    from .evidence import SELECTING
+
+    pixels = processor(images=[image], text=[build_prompt("?")], vision_mode=SELECTING, shirg_budget=budget,
                        return_tensors="pt")["pixel_values"].to(model.device)
     selection = model.selector(model.vision_features(pixels), grid_size=model.config.highres_grid, budget=budget)
     return selection.kept_indices[0].cpu().numpy()

@@ -77,7 +77,7 @@ def test_stage2_views_are_a_function_of_seed_and_step_and_cover_the_set():
     settings = evidence.EvidenceSettings()
     draws = [evidence.view_of_batch(settings, step) for step in range(200)]
     assert draws == [evidence.view_of_batch(settings, step) for step in range(200)]
-    assert set(draws) == set(evidence.VIEWS) == {"lowres", "full", 56, 84, 112}
+    assert set(draws) == set(evidence.default_views()) == {evidence.NATIVE_VIEW, evidence.ALL_TOKENS, 56, 84, 112}
 
 
 # ---- training smoke run -----------------------------------------------------------------------------------
