@@ -8,6 +8,7 @@ import torch
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .validation import check_model_source
 from .processing.image_processing_shirg import load_image
+from .processing.visual_tokens import ADAPTIVE_BUDGET
 
 
 def load_model_and_processor(model_path: str, dtype: torch.dtype | str = "auto", device="cpu"):
@@ -22,7 +23,7 @@ def load_model_and_processor(model_path: str, dtype: torch.dtype | str = "auto",
     return model, AutoProcessor.from_pretrained(model_path)
 
 
-def answer_question(model, processor, image, question: str, budget: int | None = None, **generate_kwargs) -> dict:
+def answer_question(model, processor, image, question: str, budget: int | str | None = None, **generate_kwargs) -> dict:
     """Generate the answer to `question` about `image`; returns the text, ids and seconds taken."""
     from .processing.processing_shirg_lavida import build_prompt
 
@@ -37,13 +38,24 @@ def answer_question(model, processor, image, question: str, budget: int | None =
             "prefix_length": inputs["input_ids"].shape[1], "seconds": seconds}
 
 
+def _budget(text: str):
+    """--budget: an integer K or "adaptive"."""
+    if text == ADAPTIVE_BUDGET:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer K or {ADAPTIVE_BUDGET!r}, got {text!r}") from None
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="answer a question about an image with a saved model",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="save_pretrained folder (or Hub repo id) of the model")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", required=True, help="question about the image")
-    parser.add_argument("--budget", type=int, help="SHIRG budget K (shirg mode; default: the model's)")
+    parser.add_argument("--budget", type=_budget, help="SHIRG budget K (shirg mode; default: the model's), or "
+                        "'adaptive': K per image from its pixels within the model's selection.adaptive_budget")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length L (default 32)")
     parser.add_argument("--block-length", type=int, help="diffusion block length (default: L)")
     parser.add_argument("--step-ratio", type=float, default=0.5, help="steps per block / block length (default 0.5)")

@@ -286,3 +286,23 @@ def test_select_command_reads_the_tower_attention(tmp_path):
                      "--importance", importance,
                      "--attention-layer", "-1", "--out", str(tmp_path / f"{importance}.png")]) == 0
     assert (tmp_path / "attention.png").read_bytes() != (tmp_path / "similarity.png").read_bytes()
+
+
+def test_generate_command_takes_an_adaptive_budget(tmp_path, capsys):
+    from shirg_hf.cli import main
+
+    config = ShirgLavidaConfig.tiny(selection={"adaptive_budget": [16, 96]})
+    torch.manual_seed(0)
+    ShirgLavidaForDiffusionLM(config).save_pretrained(tmp_path / "model")
+    ShirgLavidaProcessor.from_model_config(config, build_tiny_tokenizer()).save_pretrained(tmp_path / "model")
+    adaptive_images()[2].save(tmp_path / "noise.png")
+    arguments = ["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "noise.png"),
+                 "--question", "What is here?", "--max-new-tokens", "4"]
+    assert main([*arguments, "--budget", "adaptive"]) == 0
+    adaptive = capsys.readouterr().out
+    assert main([*arguments, "--budget", "96"]) == 0  # the noise image's adaptive K is K_max
+    assert capsys.readouterr().out.splitlines()[0] == adaptive.splitlines()[0]
+    import argparse
+
+    with pytest.raises((SystemExit, argparse.ArgumentError), match="integer K or 'adaptive'|2"):
+        main([*arguments, "--budget", "some"])
