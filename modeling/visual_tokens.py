@@ -258,6 +258,9 @@ register_selection_method("no_coverage", uses_coverage=False, uses_importance=Tr
                           description="SHIRG score, plain top-K")
 register_selection_method("no_summary", adds_summary=False, uses_importance=True,
                           description="SHIRG without the summary token")
+register_selection_method("shirg_seed", uses_importance=True,
+                          description="SHIRG with the research plan's seed weights 0.6 / 0.25 / 0.15 (ablation row)")
+SEED_WEIGHTS = (0.6, 0.25, 0.15)
 
 
 # ---- selection settings and budgets ------------------------------------------------------------------------

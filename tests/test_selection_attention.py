@@ -306,3 +306,13 @@ def test_generate_command_takes_an_adaptive_budget(tmp_path, capsys):
 
     with pytest.raises((SystemExit, argparse.ArgumentError), match="integer K or 'adaptive'|2"):
         main([*arguments, "--budget", "some"])
+
+
+def test_seed_weight_ablation_method_equals_shirg_with_the_plans_weights():
+    features = structured_features()[None]
+    seed = ShirgSelector(method="shirg_seed", budget=144, coverage_cells=(8, 8))(features, grid_size=(24, 24))
+    plan = ShirgSelector(budget=144, coverage_cells=(8, 8), weights=(0.6, 0.25, 0.15))(features, grid_size=(24, 24))
+    default = ShirgSelector(budget=144, coverage_cells=(8, 8))(features, grid_size=(24, 24))
+    assert torch.equal(seed.kept_indices, plan.kept_indices) and torch.equal(seed.tokens, plan.tokens)
+    assert ShirgSelector().weights == (0.3, 0.0, 0.7)
+    assert not torch.equal(default.scores, plan.scores)
