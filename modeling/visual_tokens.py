@@ -305,7 +305,8 @@ def adaptive_budget(busy_patches: int, selection: dict) -> int:
 def needs_tower_attention(selection: dict, method: str | None = None) -> bool:
     """Whether the method, under these settings, reads a tower layer's received attention (input "attention")."""
     spec = get_selection_method(method or selection["method"])
-    return "attention" in spec.requires or (spec.uses_importance and selection["importance"] != "similarity")
+    importance = selection.get("importance", DEFAULT_SELECTION["importance"])  # settings saved before issue 15
+    return "attention" in spec.requires or (spec.uses_importance and importance != "similarity")
 
 
 def check_selection(selection: dict | None, grid: tuple[int, int] | None = None) -> dict:

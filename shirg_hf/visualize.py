@@ -200,7 +200,7 @@ def _features_from_model(model_path: str, image: Image.Image, dtype="auto", devi
     image_processor = AutoProcessor.from_pretrained(model_path).image_processor
     side = model.config.highres_image_size
     pixel_values = image_processor(image, size={"height": side, "width": side}, return_tensors="pt")["pixel_values"]
-    selection = {**model.config.selection, **(overrides or {})}
+    selection = {**DEFAULT_SELECTION, **model.config.selection, **(overrides or {})}
     layer = selection["attention_layer"] if needs_tower_attention(selection, method) else False
     with torch.inference_mode(), _attention_capture(model.vision_tower.encoder, layer) as seen:
         features = model.vision_features(pixel_values.to(device, model.dtype))  # [1, N, D]
