@@ -96,7 +96,9 @@ class ScriptArguments:
 def parse_arguments(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
     parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     # The collator reads the raw image/question/answer columns; the LoRA'd projector is used by every batch.
-    parser.set_defaults(remove_unused_columns=False, ddp_find_unused_parameters=False, **RECIPE_DEFAULTS)
+    # Training keeps its progress bar when the command silences the libraries; pinned memory only helps CUDA.
+    parser.set_defaults(remove_unused_columns=False, ddp_find_unused_parameters=False, disable_tqdm=False,
+                        dataloader_pin_memory=torch.cuda.is_available(), **RECIPE_DEFAULTS)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/question/answer "
