@@ -210,3 +210,14 @@ def test_demo_image_needs_a_question(tmp_path):
     sample.image.save(tmp_path / "mine.png")
     assert main(["demo", "--image", str(tmp_path / "mine.png")]) == 2
     assert main(["demo", "--image", str(tmp_path / "mine.png"), "--question", sample.row["question"]]) == 0
+
+
+@pytest.mark.parametrize("folder", [None, "stage1"])
+def test_shipped_remote_code_is_the_package_code(folder):
+    """The shipped folders run, as remote code, exactly the modules the installed package runs."""
+    root = evidence_model_path() if folder is None else evidence_model_path(folder)
+    repo = Path(__file__).resolve().parents[1]
+    for shipped_file in sorted(root.glob("*.py")):
+        source = repo / "modeling" / shipped_file.name
+        source = source if source.exists() else repo / "processing" / shipped_file.name
+        assert shipped_file.read_bytes() == source.read_bytes(), f"{shipped_file} differs from {source}"

@@ -18,6 +18,7 @@ from torch import nn
 from .visual_tokens import (
     DEFAULT_SELECTION,
     SCORE_TERMS,
+    SEED_WEIGHTS,
     check_budget,
     check_coverage,
     check_selection,
@@ -428,6 +429,12 @@ def shirg_score(features, grid_size, settings, attention=None, **inputs) -> torc
     components = score_components(features, grid_size, attention, names, settings["importance"])
     return sum(weight * components[term] for weight, term in zip(settings["weights"], SCORE_TERMS)
                if term in components)
+
+
+@selection_scorer("shirg_seed")
+def shirg_seed_score(features, grid_size, settings, attention=None, **inputs) -> torch.Tensor:
+    """The SHIRG score with the research plan's seed weights `SEED_WEIGHTS` (0.6 / 0.25 / 0.15)."""
+    return shirg_score(features, grid_size, {**settings, "weights": list(SEED_WEIGHTS)}, attention)
 
 
 def _single_term_scorer(term: str):

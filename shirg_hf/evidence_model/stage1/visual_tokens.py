@@ -258,13 +258,16 @@ register_selection_method("no_coverage", uses_coverage=False, uses_importance=Tr
                           description="SHIRG score, plain top-K")
 register_selection_method("no_summary", adds_summary=False, uses_importance=True,
                           description="SHIRG without the summary token")
+register_selection_method("shirg_seed", uses_importance=True,
+                          description="SHIRG with the research plan's seed weights 0.6 / 0.25 / 0.15 (ablation row)")
+SEED_WEIGHTS = (0.6, 0.25, 0.15)
 
 
 # ---- selection settings and budgets ------------------------------------------------------------------------
 DEFAULT_SELECTION = {
     "method": "shirg",
     "budget": 768,
-    "weights": [0.6, 0.25, 0.15],
+    "weights": [0.3, 0.0, 0.7],  # validation evidence, docs/selection.md; the plan's seed: [0.6, 0.25, 0.15]
     "coverage_cells": [8, 8],
     "summary": True,
     "seed": 0,
@@ -302,7 +305,8 @@ def adaptive_budget(busy_patches: int, selection: dict) -> int:
 def needs_tower_attention(selection: dict, method: str | None = None) -> bool:
     """Whether the method, under these settings, reads a tower layer's received attention (input "attention")."""
     spec = get_selection_method(method or selection["method"])
-    return "attention" in spec.requires or (spec.uses_importance and selection["importance"] != "similarity")
+    importance = selection.get("importance", DEFAULT_SELECTION["importance"])  # settings saved before issue 15
+    return "attention" in spec.requires or (spec.uses_importance and importance != "similarity")
 
 
 def check_selection(selection: dict | None, grid: tuple[int, int] | None = None) -> dict:
