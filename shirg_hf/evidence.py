@@ -38,6 +38,7 @@ from .training import _seeded_generator, complementary_noising, projector_lora_c
 # ---- geometry and sizes (EVIDENCE.md's CPU-scale analogue of LaViDa 384 / 672 px) ------------------------------
 EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
+EVIDENCE_LM_HEADS = 4
 
 
 def _registered_mode(view_side: str, selects: bool) -> str:
@@ -55,6 +56,7 @@ def default_views() -> tuple:
     """The views stage 2 draws one of per batch: the native view, all high-res tokens and K1, K2, K3."""
     return (NATIVE_VIEW, ALL_TOKENS) + EVIDENCE_BUDGETS
 STAGE1_GLYPH_SCALES = (1.6, 1.9, 2.2)  # glyphs about 6.2 / 7.3 / 8.4 px tall in the 72 px native view
+EVIDENCE_MIN_OVERLAP_PX = 2  # a native patch is evidence when an evidence box overlaps it by more than this
 FORM_MAX_GLYPH_SCALE = 1.6  # a 128 px form page holds no title + two key:value lines above this
 ANSWER_TOKENS = 4  # the generation window: the longest answer (two glyphs) + <|eot_id|> fits
 SPECIAL_TOKENS = ("<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>",
@@ -125,8 +127,9 @@ def evidence_config(tokenizer=None, vision_mode: str = SELECTING) -> ShirgLavida
         ("image", "<image>"))}
     vocab_size = -(-len(tokenizer) // 8) * 8
     text = LladaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0, mask_token_id=ids["mask"],
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+        num_attention_heads=EVIDENCE_LM_HEADS, num_key_value_heads=EVIDENCE_LM_HEADS, max_position_embeddings=1024,
+        rope_theta=10000.0, mask_token_id=ids["mask"],
         eos_token_id=ids["eos"], pad_token_id=ids["eos"], bos_token_id=ids["bos"], eot_token_id=ids["eot"],
     )
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -164,6 +167,8 @@ class Example:
     question: str
     answer: str
     glyph_patches: list  # [(patch index on the native grid, class index in ANSWER_ALPHABET)]
+    evidence_patches: list = field(default_factory=list)  # native-grid patches the answer's evidence boxes cover
+    answer_patches: list = field(default_factory=list)  # native-grid patch of each answer glyph, in answer order
 
 
 def stage1_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
@@ -178,19 +183,44 @@ def make_example(split: str, seed: int, index: int, glyph_scale: float) -> Examp
     titles, decoys): the auxiliary classifier's labels. A patch holding two glyph centres is left unlabelled."""
     with recording_glyphs() as drawn:
         sample = generate_sample(split, seed, index, EVIDENCE_GEOMETRY, glyph_scale=glyph_scale)
-    side = EVIDENCE_GEOMETRY.high_res_side
-    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
     labels = {}
     for glyph in drawn:
         if glyph.char not in ANSWER_ALPHABET:
             continue
-        x0, y0, x1, y1 = glyph.box
-        column = min(grid - 1, int((x0 + x1) / 2 * grid / side))
-        row = min(grid - 1, int((y0 + y1) / 2 * grid / side))
-        patch = row * grid + column
+        patch = native_patch_of_glyph(glyph)
         labels[patch] = None if patch in labels else ANSWER_ALPHABET.index(glyph.char)
     patches = [(patch, label) for patch, label in sorted(labels.items()) if label is not None]
-    return Example(sample.image, sample.row["question"], sample.row["answers"][0], patches)
+    answer = sample.row["answers"][0]
+    spelled = "".join(glyph.char for glyph in sample.answer_glyphs) == answer
+    return Example(sample.image, sample.row["question"], answer, patches,
+                   native_patches_of_boxes(sample.row["evidence_boxes"]),
+                   [native_patch_of_glyph(glyph) for glyph in sample.answer_glyphs] if spelled else [])
+
+
+def native_patch_of_glyph(glyph) -> int:
+    """The native-grid patch holding the centre of a drawn glyph (its box is on the high-res canvas)."""
+    side = EVIDENCE_GEOMETRY.high_res_side
+    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+    x0, y0, x1, y1 = glyph.box
+    column = min(grid - 1, int((x0 + x1) / 2 * grid / side))
+    row = min(grid - 1, int((y0 + y1) / 2 * grid / side))
+    return row * grid + column
+
+
+def native_patches_of_boxes(boxes, min_overlap_px: float = EVIDENCE_MIN_OVERLAP_PX) -> list[int]:
+    """Native-grid patches that some box ([x0, y0, x1, y1] on the high-res canvas) overlaps by more than
+    `min_overlap_px` canvas pixels in both directions (raster order)."""
+    side = EVIDENCE_GEOMETRY.high_res_side
+    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+    cell = side / grid
+    covered = set()
+    for x0, y0, x1, y1 in boxes:
+        for row in range(grid):
+            for column in range(grid):
+                if (min(x1, (column + 1) * cell) - max(x0, column * cell) > min_overlap_px
+                        and min(y1, (row + 1) * cell) - max(y0, row * cell) > min_overlap_px):
+                    covered.add(row * grid + column)
+    return sorted(covered)
 
 
 # ---- prompts and noising ---------------------------------------------------------------------------------
@@ -234,14 +264,19 @@ def noised_batch(builder: PromptBuilder, questions, answers, image_tokens: int, 
             "prefix_lengths": lengths[noised["source_rows"]], "image_rows": noised["source_rows"]}
 
 
-def diffusion_loss(model, batch: dict, visual: torch.Tensor) -> torch.Tensor:
-    """The model's masked-diffusion loss with `visual` [B, n, H] (projected tokens per image) in the prompt."""
+def diffusion_forward(model, batch: dict, visual: torch.Tensor):
+    """The model's masked-diffusion forward (loss and logits) with `visual` [B, n, H] (projected tokens per image)
+    in the prompt."""
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     positions = input_ids == model.config.image_token_id
     visual = visual[batch["image_rows"]].reshape(-1, visual.shape[-1]).to(embeds.dtype)
     embeds = embeds.masked_scatter(positions[..., None], visual)
-    return model(inputs_embeds=embeds, labels=batch["labels"], prefix_lengths=batch["prefix_lengths"]).loss
+    return model(inputs_embeds=embeds, labels=batch["labels"], prefix_lengths=batch["prefix_lengths"])
+
+
+def diffusion_loss(model, batch: dict, visual: torch.Tensor) -> torch.Tensor:
+    return diffusion_forward(model, batch, visual).loss
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -257,10 +292,13 @@ class EvidenceSettings:
     """Everything a run depends on (written to `settings.json`)."""
 
     seed: int = 0
-    stage1_steps: int = 1000
+    stage1_steps: int = 4000
     stage1_batch: int = 24
     stage1_lr: float = 2e-3
     stage1_aux_weight: float = 1.0
+    stage1_readout_weight: float = 1.0
+    stage1_attention_weight: float = 1.0
+    stage1_attention_heads: int = 1
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -285,16 +323,92 @@ class GlyphHead(nn.Module):
         self.linear = nn.Linear(hidden, len(ANSWER_ALPHABET))
 
     def loss(self, features: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
-        rows, patches, classes = [], [], []
-        for row, example in enumerate(examples):
-            for patch, label in example.glyph_patches:
-                rows.append(row)
-                patches.append(patch)
-                classes.append(label)
-        if not rows:
+        labelled = glyph_labels(examples)
+        if labelled is None:
             return None
-        logits = self.linear(features[torch.tensor(rows), torch.tensor(patches)])
-        return nn.functional.cross_entropy(logits, torch.tensor(classes))
+        rows, patches, classes = labelled
+        return nn.functional.cross_entropy(self.linear(features[rows, patches]), classes)
+
+
+def glyph_labels(examples: list[Example]):
+    """(rows, native patches, glyph classes) of every labelled glyph in `examples`, or None when there is none."""
+    labels = [(row, patch, label) for row, example in enumerate(examples) for patch, label in example.glyph_patches]
+    if not labels:
+        return None
+    return tuple(torch.tensor(column) for column in zip(*labels))
+
+
+def image_starts(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[B] index of each row's first image token (every row holds one image)."""
+    return (input_ids == image_token_id).int().argmax(-1)
+
+
+def glyph_readout_loss(logits: torch.Tensor, batch: dict, examples: list[Example], glyph_token_ids: torch.Tensor,
+                       image_token_id: int) -> torch.Tensor | None:
+    """Cross-entropy of the LM's own output at the image positions of labelled glyph patches against the glyph's
+    token (rows 0..B-1; the complementary copies share their prompt): the LM learns to carry each glyph's
+    identity in its vocabulary, so answering becomes a copy."""
+    labelled = glyph_labels(examples)
+    if labelled is None:
+        return None
+    rows, patches, classes = labelled
+    starts = image_starts(batch["input_ids"][:len(examples)], image_token_id)
+    return nn.functional.cross_entropy(logits[rows, starts[rows] + patches], glyph_token_ids[classes])
+
+
+class LastLayerAttention:
+    """Recomputes, with gradients, the attention weights of the first `heads` heads of the LM's last layer from
+    the inputs that layer received in the latest forward (a forward pre-hook keeps them). Training aid only."""
+
+    def __init__(self, model, heads: int):
+        self.attention = model.language_model.model.layers[-1].self_attn
+        self.heads = heads
+        self.inputs = None
+        self.handle = self.attention.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        self.inputs = (args[0], args[1], kwargs.get("attention_mask"))
+
+    def weights(self) -> torch.Tensor:
+        """[B, heads, T, T] softmax attention weights (float32)."""
+        from .modeling.modeling_llada import apply_rotary_pos_emb
+
+        hidden, (cos, sin), mask = self.inputs
+        head_dim = self.attention.head_dim
+        shape = (*hidden.shape[:-1], -1, head_dim)
+        query = self.attention.q_proj(hidden).view(shape).transpose(1, 2)[:, :self.heads]  # [B, h, T, hd]
+        key = self.attention.k_proj(hidden).view(shape).transpose(1, 2)[:, :self.heads]  # [B, h, T, hd] (MHA)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        scores = (query @ key.transpose(-1, -2)).float() * self.attention.scaling  # [B, h, T, T]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(-1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[Example], answer_lengths: list[int],
+                            image_token_id: int) -> torch.Tensor | None:
+    """Mean over rows of -log(attention mass on the answer's evidence) for the supervised heads `weights`
+    [B', h, T, T]: attention supervision of the lookup (question -> evidence patch) that the LM must learn before
+    it can read. An answer spelled by glyphs points answer token i at the patch of glyph i; any other answer
+    points every answer token at the patches its evidence boxes cover."""
+    starts = image_starts(batch["input_ids"], image_token_id)
+    losses = []
+    for row, source in enumerate(batch["image_rows"].tolist()):
+        example, first = examples[source], int(batch["prefix_lengths"][row])
+        if example.answer_patches:
+            queries = first + torch.arange(len(example.answer_patches))
+            keys = starts[row] + torch.tensor(example.answer_patches)
+            mass = weights[row][:, queries, keys]  # [h, glyphs]
+        elif example.evidence_patches:
+            keys = starts[row] + torch.tensor(example.evidence_patches)
+            mass = weights[row, :, first:first + answer_lengths[source]][..., keys].sum(-1)  # [h, answer tokens]
+        else:
+            continue
+        losses.append(-torch.log(mass + 1e-6).mean())
+    return torch.stack(losses).mean() if losses else None
 
 
 def _log(log_path: Path, record: dict) -> None:
@@ -315,7 +429,11 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     builder = PromptBuilder(processor)
     torch.manual_seed(settings.seed)
     model = ShirgLavidaForDiffusionLM(config).train()
+    model.generation_config = evidence_generation_config(config)
     head = GlyphHead(config.vision_config.hidden_size)
+    glyph_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(ANSWER_ALPHABET)))
+    attention = LastLayerAttention(model, settings.stage1_attention_heads)
+    validation = validation_examples(settings)
     parameters = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
     checkpoint, start = out / "stage1_checkpoint.pt", 0
@@ -341,23 +459,34 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
         features = model.vision_features(pixels)
-        loss = diffusion_loss(model, batch, model.multi_modal_projector(features))
-        aux = head.loss(features, examples)
-        total = loss if aux is None else loss + settings.stage1_aux_weight * aux
+        outputs = diffusion_forward(model, batch, model.multi_modal_projector(features))
+        terms = {
+            "loss": (1.0, outputs.loss),
+            "aux": (settings.stage1_aux_weight, head.loss(features, examples)),
+            "readout": (settings.stage1_readout_weight, glyph_readout_loss(
+                outputs.logits, batch, examples, glyph_token_ids, config.image_token_id)),
+            "attention": (settings.stage1_attention_weight, evidence_attention_loss(
+                attention.weights(), batch, examples, [len(builder.answer_ids(e.answer)) for e in examples],
+                config.image_token_id) if settings.stage1_attention_weight else None),
+        }
+        total = sum(weight * value for weight, value in terms.values() if weight and value is not None)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        running.append((loss.item(), float("nan") if aux is None else aux.item()))
+        running.append([float("nan") if value is None else value.item() for _, value in terms.values()])
         if (step + 1) % 50 == 0 or step + 1 == settings.stage1_steps:
-            losses = np.array(running)
-            _log(log_path, {"stage": 1, "step": step + 1, "loss": round(float(np.nanmean(losses[:, 0])), 4),
-                            "aux": round(float(np.nanmean(losses[:, 1])), 4),
-                            "seconds": round(time.perf_counter() - began, 1)})
+            means = np.nanmean(np.array(running), axis=0)
+            record = {"stage": 1, "step": step + 1, **{name: round(float(mean), 4) for name, mean in zip(terms, means)},
+                      "seconds": round(time.perf_counter() - began, 1)}
+            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.stage1_steps:
+                record.update(validation_check(model, processor, builder, validation))
+            _log(log_path, record)
             running = []
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.stage1_steps:
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step + 1}, checkpoint)
+    attention.remove()
     model.eval()
     model.config.vision_mode = SELECTING
     model.generation_config = evidence_generation_config(model.config)
@@ -367,6 +496,40 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     staging.rename(final)
     checkpoint.unlink(missing_ok=True)
     return final
+
+
+def validation_examples(settings: EvidenceSettings) -> list[Example]:
+    """The first `val_questions` detail questions of the val split (seed `val_seed`) with large glyphs (G0's
+    condition): the training-time check that the LM reads."""
+    examples, index = [], 0
+    while len(examples) < settings.val_questions:
+        example = make_example("val", settings.val_seed, index, FORM_MAX_GLYPH_SCALE)
+        index += 1
+        if example.evidence_patches and is_detail_question(example.question):
+            examples.append(example)
+    return examples
+
+
+def is_detail_question(question: str) -> bool:
+    return question.startswith(("What is in the", "What is the"))
+
+
+@torch.no_grad()
+def validation_check(model, processor, builder: PromptBuilder, examples: list[Example]) -> dict:
+    """Native-view detail accuracy (greedy `generate`) and the masked-diffusion loss with the right images and with
+    every image moved to the next row: a model that reads has a clear gap."""
+    model.eval()
+    pixels = processor.image_processor([e.image for e in examples], size={"height": model.config.vision_config.image_size,
+                                       "width": model.config.vision_config.image_size}, do_anyres=False,
+                                       return_tensors="pt")["pixel_values"]
+    visual = model.multi_modal_projector(model.vision_features(pixels))
+    batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples], visual.shape[1],
+                         model.config.text_config.mask_token_id, _seeded_generator(0, 4, 0))
+    right = diffusion_loss(model, batch, visual).item()
+    shuffled = diffusion_loss(model, batch, visual.roll(1, dims=0)).item()
+    accuracy = quick_accuracy(model, processor, examples, NATIVE_VIEW)["accuracy"]
+    model.train()
+    return {"val_loss": round(right, 4), "val_loss_shuffled": round(shuffled, 4), "val_detail_accuracy": accuracy}
 
 
 # ---- stage 2 -----------------------------------------------------------------------------------------------
@@ -507,6 +670,12 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation, noise and view draws")
     parser.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps, help="stage-1 optimizer steps")
     parser.add_argument("--stage1-batch", type=int, default=defaults.stage1_batch, help="stage-1 images per step")
+    parser.add_argument("--stage1-readout-weight", type=float, default=defaults.stage1_readout_weight,
+                        help="weight of the LM's glyph readout at the image positions (0 = off)")
+    parser.add_argument("--stage1-attention-weight", type=float, default=defaults.stage1_attention_weight,
+                        help="weight of the evidence-attention supervision of the LM's last layer (0 = off)")
+    parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
+                        help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
                         help="train images whose tower features stage 2 caches")
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="stage-2 optimizer steps")
@@ -538,9 +707,14 @@ def parse_views(text: str) -> tuple:
 def run(args: argparse.Namespace) -> int:
     settings = EvidenceSettings(
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
+        stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
+        stage1_attention_heads=args.stage1_attention_heads,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
     )
+    if not 1 <= settings.stage1_attention_heads <= EVIDENCE_LM_HEADS:
+        raise ValueError(f"--stage1-attention-heads must be in [1, {EVIDENCE_LM_HEADS}] (the LM's heads), got "
+                         f"{settings.stage1_attention_heads}")
     for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fp32_tolerance
 from isolation import BLOCK_SHIRG_HF
 from shirg_hf import build_prompt, evidence
 from shirg_hf.cli import main
@@ -80,16 +81,83 @@ def test_stage2_views_are_a_function_of_seed_and_step_and_cover_the_set():
     assert set(draws) == set(evidence.default_views()) == {evidence.NATIVE_VIEW, evidence.ALL_TOKENS, 56, 84, 112}
 
 
+# ---- stage-1 training aids ----------------------------------------------------------------------------------
+def test_native_patches_of_boxes_are_the_cells_a_box_covers():
+    cell = evidence.EVIDENCE_GEOMETRY.high_res_side / 9  # 9 x 9 native grid over the 128 px canvas
+    inner = [round(cell) + 3, round(2 * cell) + 3, round(2 * cell) - 3, round(3 * cell) - 3]  # inside cell (2, 1)
+    assert evidence.native_patches_of_boxes([inner]) == [2 * 9 + 1]
+    assert evidence.native_patches_of_boxes([[0, 0, 128, 128]]) == list(range(81))
+    assert evidence.native_patches_of_boxes([[0, 0, 1, 1]]) == []  # too small an overlap counts for nothing
+
+
+def test_last_layer_attention_reproduces_the_layer_output():
+    torch.manual_seed(0)
+    tokenizer = evidence.build_evidence_tokenizer()
+    model = ShirgLavidaForDiffusionLM(evidence.evidence_config(tokenizer)).eval()
+    attention = evidence.LastLayerAttention(model, heads=4)
+    outputs = {}
+    handle = attention.attention.register_forward_hook(lambda module, args, output: outputs.update(out=output))
+    ids = torch.randint(8, 100, (2, 12))
+    prefix = torch.tensor([7, 9])
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids.masked_fill(torch.arange(12) < prefix[:, None], -100), prefix_lengths=prefix)
+        weights = attention.weights()  # [B, 4, T, T]
+        hidden = attention.inputs[0]
+        module = attention.attention
+        values = module.v_proj(hidden).view(2, 12, 4, -1).transpose(1, 2)
+        rebuilt = module.o_proj((weights @ values).transpose(1, 2).reshape(2, 12, -1))
+    handle.remove()
+    attention.remove()
+    # q/k/v (128), scores (32), softmax and weighted values (12 each), output projection (128)
+    magnitude = max(float(outputs["out"].abs().max()), float(values.abs().max()))
+    torch.testing.assert_close(rebuilt, outputs["out"], rtol=0, atol=fp32_tolerance(312, magnitude))
+    assert bool((weights[0, :, :7, 7:] == 0).all())  # prefix queries never see the answer (prefix-DLM mask)
+
+
+def test_evidence_attention_loss_is_the_mass_on_the_evidence():
+    example = evidence.Example(None, "What is in the red tag?", "K", [], evidence_patches=[0, 1])
+    ids = torch.tensor([[5, 4, 4, 4, 4, 9, 9]])  # image tokens (id 4) at 1..4, answer from position 5
+    batch = {"input_ids": ids, "prefix_lengths": torch.tensor([5]), "image_rows": torch.tensor([0])}
+    weights = torch.zeros(1, 1, 7, 7)
+    weights[0, 0, 5, 1] = weights[0, 0, 5, 2] = 0.5  # the answer's first token looks only at patches 0 and 1
+    loss = evidence.evidence_attention_loss(weights, batch, [example], [1], image_token_id=4)
+    assert abs(float(loss)) < 1e-5
+    weights[0, 0, 5] = 1 / 7  # uniform over all 7 keys: mass 2/7
+    loss = evidence.evidence_attention_loss(weights, batch, [example], [1], image_token_id=4)
+    assert float(loss) == pytest.approx(-math.log(2 / 7 + 1e-6), rel=1e-5)
+    spelled = evidence.Example(None, "What is in the red tag?", "KE", [], evidence_patches=[0, 1, 2],
+                               answer_patches=[2, 0])  # answer token i looks at the patch of glyph i only
+    weights = torch.zeros(1, 1, 7, 7)
+    weights[0, 0, 5, 1 + 2] = weights[0, 0, 6, 1 + 0] = 1.0
+    assert abs(float(evidence.evidence_attention_loss(weights, batch, [spelled], [3], image_token_id=4))) < 1e-5
+    weights[0, 0, 6] = 0.0
+    weights[0, 0, 6, 1 + 1] = 1.0  # the second token looks at the wrong glyph: -log(1e-6) / 2
+    loss = evidence.evidence_attention_loss(weights, batch, [spelled], [3], image_token_id=4)
+    assert float(loss) == pytest.approx(-math.log(1e-6) / 2, rel=1e-4)
+
+
+def test_glyph_readout_loss_reads_the_labelled_image_positions():
+    example = evidence.Example(None, "What is in the red tag?", "K", [(2, 3)])  # patch 2 holds glyph class 3
+    ids = torch.tensor([[5, 4, 4, 4, 4, 9]])
+    glyph_tokens = torch.arange(10, 34)
+    logits = torch.zeros(1, 6, 40)
+    logits[0, 1 + 2, 10 + 3] = 50.0  # image starts at 1: patch 2 is position 3
+    loss = evidence.glyph_readout_loss(logits, {"input_ids": ids}, [example], glyph_tokens, image_token_id=4)
+    assert float(loss) < 1e-6
+
+
 # ---- training smoke run -----------------------------------------------------------------------------------
 def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
-                                         stage2_batch=3, checkpoint_every=1)
+                                         stage2_batch=3, checkpoint_every=1, val_questions=4)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r] == [2, 5]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
+    assert all(math.isfinite(stage1_record[name]) for name in ("aux", "readout", "attention", "val_loss"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
     merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
