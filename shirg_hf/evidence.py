@@ -299,6 +299,7 @@ class EvidenceSettings:
     stage1_readout_weight: float = 1.0
     stage1_attention_weight: float = 1.0
     stage1_attention_heads: int = 1
+    stage1_copy_weight: float = 0.0
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -384,8 +385,31 @@ class LastLayerAttention:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return scores.softmax(-1)
 
+    def written(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[n, hidden]: what the supervised heads would add to the residual stream if they attended only to
+        position `positions[i]` of row `rows[i]` (their values through their slice of the output projection)."""
+        width = self.heads * self.attention.head_dim
+        values = self.attention.v_proj(self.inputs[0][rows, positions])[:, :width]  # [n, heads * hd]
+        return values @ self.attention.o_proj.weight[:, :width].T
+
     def remove(self) -> None:
         self.handle.remove()
+
+
+def glyph_copy_loss(model, attention: LastLayerAttention, batch: dict, examples: list[Example],
+                    glyph_token_ids: torch.Tensor, image_token_id: int) -> torch.Tensor | None:
+    """Cross-entropy of the LM head (after the final norm) on what the supervised heads copy from a labelled glyph
+    patch, against that glyph's token: trains their value/output path to carry a glyph into the vocabulary, the
+    second half of the lookup the attention supervision starts."""
+    labelled = glyph_labels(examples)
+    if labelled is None:
+        return None
+    rows, patches, classes = labelled
+    starts = image_starts(batch["input_ids"][:len(examples)], image_token_id)
+    written = attention.written(rows, starts[rows] + patches)
+    language_model = model.language_model
+    logits = language_model.lm_head(language_model.model.norm(written))
+    return nn.functional.cross_entropy(logits, glyph_token_ids[classes])
 
 
 def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[Example], answer_lengths: list[int],
@@ -468,6 +492,9 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
                 attention.weights(), batch, examples, [len(builder.answer_ids(e.answer)) for e in examples],
                 config.image_token_id) if settings.stage1_attention_weight else None),
+            "copy": (settings.stage1_copy_weight, glyph_copy_loss(
+                model, attention, batch, examples, glyph_token_ids, config.image_token_id)
+                if settings.stage1_copy_weight else None),
         }
         total = sum(weight * value for weight, value in terms.values() if weight and value is not None)
         optimizer.zero_grad(set_to_none=True)
@@ -674,6 +701,8 @@ def register(subparsers) -> None:
                         help="weight of the LM's glyph readout at the image positions (0 = off)")
     parser.add_argument("--stage1-attention-weight", type=float, default=defaults.stage1_attention_weight,
                         help="weight of the evidence-attention supervision of the LM's last layer (0 = off)")
+    parser.add_argument("--stage1-copy-weight", type=float, default=defaults.stage1_copy_weight,
+                        help="weight of the glyph copy loss on the supervised heads' value/output path (0 = off)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
@@ -708,7 +737,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvidenceSettings(
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
-        stage1_attention_heads=args.stage1_attention_heads,
+        stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
     )

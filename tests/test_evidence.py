@@ -106,6 +106,14 @@ def test_last_layer_attention_reproduces_the_layer_output():
         module = attention.attention
         values = module.v_proj(hidden).view(2, 12, 4, -1).transpose(1, 2)
         rebuilt = module.o_proj((weights @ values).transpose(1, 2).reshape(2, 12, -1))
+        rows, positions = torch.tensor([0, 1, 1]), torch.tensor([3, 0, 11])
+        one_head = evidence.LastLayerAttention(model, heads=1)
+        one_head.inputs = attention.inputs
+        only_head0 = module.v_proj(hidden[rows, positions])
+        only_head0[:, module.head_dim:] = 0  # what head 0 alone writes when it attends to one position
+        torch.testing.assert_close(one_head.written(rows, positions), module.o_proj(only_head0),
+                                   rtol=0, atol=fp32_tolerance(256, float(only_head0.abs().max())))
+        one_head.remove()
     handle.remove()
     attention.remove()
     # q/k/v (128), scores (32), softmax and weighted values (12 each), output projection (128)
@@ -149,7 +157,8 @@ def test_glyph_readout_loss_reads_the_labelled_image_positions():
 # ---- training smoke run -----------------------------------------------------------------------------------
 def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
-                                         stage2_batch=3, checkpoint_every=1, val_questions=4)
+                                         stage2_batch=3, checkpoint_every=1, val_questions=4,
+                                         stage1_copy_weight=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -157,7 +166,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     assert [r["step"] for r in log if "step" in r] == [2, 5]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
-    assert all(math.isfinite(stage1_record[name]) for name in ("aux", "readout", "attention", "val_loss"))
+    assert all(math.isfinite(stage1_record[name]) for name in ("aux", "readout", "attention", "copy", "val_loss"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
     merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
