@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--blind", type=Path, help="bench_evidence_blind.py output")
     parser.add_argument("--gate0", type=Path, help="compare folder: stage-1 model, lowres, large-glyph val set")
     parser.add_argument("--layers", type=int, default=3, help="LM layers (KV cache per layer)")
+    parser.add_argument("--decoding", nargs="+", metavar="LABEL=FOLDER", default=[],
+                        help="compare folders of one variant under other decoding settings (issue 16's curve)")
     args = parser.parse_args()
     summaries, records = {}, {}
     for folder in args.lora:
@@ -155,7 +157,28 @@ def main() -> None:
             value = acc(records[other], DETAIL)
             out.append(f"- SHIRG vs `{other}` on detail: {100 * shirg[0]:.1f} vs {100 * value[0]:.1f} "
                        f"({100 * (shirg[0] - value[0]):+.1f} points)")
+    if args.decoding:
+        out += ["", decoding_table(args.decoding, records, summaries)]
     print("\n".join(out))
+
+
+def decoding_table(entries: list[str], records: dict, summaries: dict, variant: str = "shirg:84") -> str:
+    """Accuracy against forward passes per answer for one variant under several decoding settings; the first
+    row is the variant as run in the main table (the model's default schedule)."""
+    rows = [("default schedule (model's generation config)", summaries[variant], records[variant])]
+    for entry in entries:
+        label, _, folder = entry.partition("=")
+        folder_summaries, folder_records = load(Path(folder))
+        rows.append((label, folder_summaries[variant], folder_records[variant]))
+    base = rows[0][1]["forward_passes_per_answer"]
+    lines = [f"### Accuracy against forward passes (`{variant}`, shared LoRA, test split)", "",
+             "| decoding | forward passes / answer | vs default | tokens / forward | accuracy % [95 % CI] | detail % |",
+             "|---|---|---|---|---|---|"]
+    for label, summary, record in rows:
+        passes = summary["forward_passes_per_answer"]
+        lines.append(f"| {label} | {passes:.2f} | {passes / base:.2f}x | {summary['tokens_per_forward']:.2f} | "
+                     f"{cell(acc(record))} | {cell(acc(record, DETAIL))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -292,7 +292,7 @@ class EvidenceSettings:
     """Everything a run depends on (written to `settings.json`)."""
 
     seed: int = 0
-    stage1_steps: int = 4000
+    stage1_steps: int = 2000
     stage1_batch: int = 24
     stage1_lr: float = 2e-3
     stage1_aux_weight: float = 1.0
@@ -305,7 +305,7 @@ class EvidenceSettings:
     stage2_images: int = 3000
     stage2_steps: int = 400
     stage2_batch: int = 24
-    stage2_lr: float = 2e-3
+    stage2_lr: float = 2e-4
     stage2_data_seed: int = 2
     stage2_views: tuple = field(default_factory=default_views)
     stage2_train: str = "lora"  # lora | projector
@@ -708,6 +708,7 @@ def register(subparsers) -> None:
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
                         help="train images whose tower features stage 2 caches")
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="stage-2 optimizer steps")
+    parser.add_argument("--stage2-lr", type=float, default=defaults.stage2_lr, help="stage-2 peak learning rate")
     parser.add_argument("--stage2-batch", type=int, default=defaults.stage2_batch, help="stage-2 rows per step")
     parser.add_argument("--stage2-views", default=",".join(map(str, default_views())),
                         help="views drawn per stage-2 batch: lowres, full and budgets K "
@@ -739,6 +740,7 @@ def run(args: argparse.Namespace) -> int:
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
+        stage2_lr=args.stage2_lr,
         stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
     )
     if not 1 <= settings.stage1_attention_heads <= EVIDENCE_LM_HEADS:
