@@ -546,10 +546,8 @@ def validation_check(model, processor, builder: PromptBuilder, examples: list[Ex
     """Native-view detail accuracy (greedy `generate`) and the masked-diffusion loss with the right images and with
     every image moved to the next row: a model that reads has a clear gap."""
     model.eval()
-    pixels = processor.image_processor([e.image for e in examples], size={"height": model.config.vision_config.image_size,
-                                       "width": model.config.vision_config.image_size}, do_anyres=False,
-                                       return_tensors="pt")["pixel_values"]
-    visual = model.multi_modal_projector(model.vision_features(pixels))
+    features = tower_features(model, [e.image for e in examples], model.config.vision_config.image_size)
+    visual = model.multi_modal_projector(features)
     batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples], visual.shape[1],
                          model.config.text_config.mask_token_id, _seeded_generator(0, 4, 0))
     right = diffusion_loss(model, batch, visual).item()
@@ -749,6 +747,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight"):
+        if not math.isfinite(getattr(settings, name)) or getattr(settings, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0 turns the term off), got "
+                             f"{getattr(settings, name)}")
+    if not math.isfinite(settings.stage2_lr) or settings.stage2_lr <= 0:
+        raise ValueError(f"--stage2-lr must be a finite number > 0, got {settings.stage2_lr}")
     out = Path(args.out).resolve()
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -298,3 +298,11 @@ def test_shipped_remote_code_is_the_package_code(folder):
         source = repo / "modeling" / shipped_file.name
         source = source if source.exists() else repo / "processing" / shipped_file.name
         assert shipped_file.read_bytes() == source.read_bytes(), f"{shipped_file} differs from {source}"
+
+
+@pytest.mark.parametrize("flag, value", [("--stage2-lr", "0"), ("--stage1-copy-weight", "-1"),
+                                         ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5")])
+def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
+    assert main(["train-evidence", "--out", str(tmp_path / "run"), flag, value]) == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
