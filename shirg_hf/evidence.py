@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +169,8 @@ class Example:
     glyph_patches: list  # [(patch index on the native grid, class index in ANSWER_ALPHABET)]
     evidence_patches: list = field(default_factory=list)  # native-grid patches the answer's evidence boxes cover
     answer_patches: list = field(default_factory=list)  # native-grid patch of each answer glyph, in answer order
+    glyph_centres: list = field(default_factory=list)  # [(x, y, class)] canvas centre of every alphabet glyph drawn
+    answer_centres: list = field(default_factory=list)  # [(x, y)] canvas centre of each answer glyph, in answer order
 
 
 def stage1_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
@@ -183,35 +185,48 @@ def make_example(split: str, seed: int, index: int, glyph_scale: float) -> Examp
     titles, decoys): the auxiliary classifier's labels. A patch holding two glyph centres is left unlabelled."""
     with recording_glyphs() as drawn:
         sample = generate_sample(split, seed, index, EVIDENCE_GEOMETRY, glyph_scale=glyph_scale)
-    labels = {}
-    for glyph in drawn:
-        if glyph.char not in ANSWER_ALPHABET:
-            continue
-        patch = native_patch_of_glyph(glyph)
-        labels[patch] = None if patch in labels else ANSWER_ALPHABET.index(glyph.char)
-    patches = [(patch, label) for patch, label in sorted(labels.items()) if label is not None]
+    centres = [(*glyph_centre(glyph), ANSWER_ALPHABET.index(glyph.char)) for glyph in drawn
+               if glyph.char in ANSWER_ALPHABET]
     answer = sample.row["answers"][0]
     spelled = "".join(glyph.char for glyph in sample.answer_glyphs) == answer
-    return Example(sample.image, sample.row["question"], answer, patches,
+    answer_centres = [glyph_centre(glyph) for glyph in sample.answer_glyphs] if spelled else []
+    native = native_grid()
+    return Example(sample.image, sample.row["question"], answer, glyph_patches_on_grid(centres, native),
                    native_patches_of_boxes(sample.row["evidence_boxes"]),
-                   [native_patch_of_glyph(glyph) for glyph in sample.answer_glyphs] if spelled else [])
+                   [patch_on_grid(x, y, native) for x, y in answer_centres], centres, answer_centres)
 
 
-def native_patch_of_glyph(glyph) -> int:
-    """The native-grid patch holding the centre of a drawn glyph (its box is on the high-res canvas)."""
-    side = EVIDENCE_GEOMETRY.high_res_side
-    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+def native_grid() -> int:
+    return EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+
+
+def glyph_centre(glyph) -> tuple[float, float]:
+    """(x, y) centre of a drawn glyph's box on the high-res canvas."""
     x0, y0, x1, y1 = glyph.box
-    column = min(grid - 1, int((x0 + x1) / 2 * grid / side))
-    row = min(grid - 1, int((y0 + y1) / 2 * grid / side))
-    return row * grid + column
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def patch_on_grid(x: float, y: float, grid: int) -> int:
+    """Raster index of the patch of a `grid` x `grid` view of the canvas that holds canvas point (x, y)."""
+    scale = grid / EVIDENCE_GEOMETRY.high_res_side
+    return min(grid - 1, int(y * scale)) * grid + min(grid - 1, int(x * scale))
+
+
+def glyph_patches_on_grid(centres: list, grid: int) -> list:
+    """[(patch, class)] of the glyph centres [(x, y, class)] on a `grid` view, in patch order; a patch holding two
+    glyph centres is left out (its label would be ambiguous)."""
+    labels = {}
+    for x, y, label in centres:
+        patch = patch_on_grid(x, y, grid)
+        labels[patch] = None if patch in labels else label
+    return [(patch, label) for patch, label in sorted(labels.items()) if label is not None]
 
 
 def native_patches_of_boxes(boxes, min_overlap_px: float = EVIDENCE_MIN_OVERLAP_PX) -> list[int]:
     """Native-grid patches that some box ([x0, y0, x1, y1] on the high-res canvas) overlaps by more than
     `min_overlap_px` canvas pixels in both directions (raster order)."""
     side = EVIDENCE_GEOMETRY.high_res_side
-    grid = EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
+    grid = native_grid()
     cell = side / grid
     covered = set()
     for x0, y0, x1, y1 in boxes:
@@ -300,12 +315,15 @@ class EvidenceSettings:
     stage1_attention_weight: float = 1.0
     stage1_attention_heads: int = 1
     stage1_copy_weight: float = 0.0
+    stage1_copy_start: int = 0
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
     stage2_steps: int = 400
     stage2_batch: int = 24
     stage2_lr: float = 2e-4
+    stage2_readout_weight: float = 0.0
+    stage2_attention_weight: float = 0.0
     stage2_data_seed: int = 2
     stage2_views: tuple = field(default_factory=default_views)
     stage2_train: str = "lora"  # lora | projector
@@ -435,6 +453,28 @@ def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[E
     return torch.stack(losses).mean() if losses else None
 
 
+def copy_weight_at(settings: EvidenceSettings, step: int) -> float:
+    """The glyph copy loss's weight at stage-1 step `step` (0-based): off before `stage1_copy_start`, a curriculum
+    that lets the attention lookup form before the copy path is trained."""
+    return settings.stage1_copy_weight if step >= settings.stage1_copy_start else 0.0
+
+
+def weighted_sum(terms: dict) -> torch.Tensor:
+    """Sum of weight * loss over `terms` {name: (weight, loss or None)}, skipping terms that are off or absent."""
+    return sum(weight * value for weight, value in terms.values() if weight and value is not None)
+
+
+def term_values(terms: dict) -> list[float]:
+    return [float("nan") if value is None else value.item() for _, value in terms.values()]
+
+
+def term_means(running: list[list[float]], terms: dict) -> dict:
+    """{name: mean over the logged steps} of every term that had a value at some step."""
+    values = np.array(running)
+    return {name: round(float(np.mean(column[~np.isnan(column)])), 4)
+            for name, column in zip(terms, values.T) if not np.isnan(column).all()}
+
+
 def _log(log_path: Path, record: dict) -> None:
     with open(log_path, "a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")
@@ -492,19 +532,17 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
                 attention.weights(), batch, examples, [len(builder.answer_ids(e.answer)) for e in examples],
                 config.image_token_id) if settings.stage1_attention_weight else None),
-            "copy": (settings.stage1_copy_weight, glyph_copy_loss(
+            "copy": (copy_weight_at(settings, step), glyph_copy_loss(
                 model, attention, batch, examples, glyph_token_ids, config.image_token_id)
-                if settings.stage1_copy_weight else None),
+                if copy_weight_at(settings, step) else None),
         }
-        total = sum(weight * value for weight, value in terms.values() if weight and value is not None)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        weighted_sum(terms).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        running.append([float("nan") if value is None else value.item() for _, value in terms.values()])
+        running.append(term_values(terms))
         if (step + 1) % 50 == 0 or step + 1 == settings.stage1_steps:
-            means = np.nanmean(np.array(running), axis=0)
-            record = {"stage": 1, "step": step + 1, **{name: round(float(mean), 4) for name, mean in zip(terms, means)},
+            record = {"stage": 1, "step": step + 1, **term_means(running, terms),
                       "seconds": round(time.perf_counter() - began, 1)}
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.stage1_steps:
                 record.update(validation_check(model, processor, builder, validation))
@@ -584,14 +622,32 @@ def view_of_batch(settings: EvidenceSettings, step: int):
 
 
 def visual_tokens_for_view(model, features_low, features_high, view):
-    """(projected visual tokens [B, n, H], n) of a batch under `view`."""
+    """(projected visual tokens [B, n, H], kept high-res patch indices [B, K] for a budget K, else None)."""
     if view == NATIVE_VIEW:
-        features = features_low
-    elif view == ALL_TOKENS:
-        features = features_high
-    else:
-        features = model.selector(features_high, grid_size=model.config.highres_grid, budget=int(view)).tokens
-    return model.multi_modal_projector(features), features.shape[1]
+        return model.multi_modal_projector(features_low), None
+    if view == ALL_TOKENS:
+        return model.multi_modal_projector(features_high), None
+    selection = model.selector(features_high, grid_size=model.config.highres_grid, budget=int(view))
+    return model.multi_modal_projector(selection.tokens), selection.kept_indices
+
+
+def examples_in_view(examples: list[Example], view, kept_indices: torch.Tensor | None, highres_grid: int) -> list:
+    """`examples` with their glyph labels and answer-glyph pointers moved to visual-token positions of `view`
+    (native grid, high-res grid, or the kept tokens of a budget K): the stage-2 reading aids' targets. A glyph
+    whose patch was dropped loses its label; an answer with a dropped glyph loses its pointers."""
+    grid = native_grid() if view == NATIVE_VIEW else highres_grid
+    moved = []
+    for row, example in enumerate(examples):
+        if kept_indices is None:
+            position = {patch: patch for patch in range(grid * grid)}
+        else:
+            position = {int(patch): index for index, patch in enumerate(kept_indices[row].tolist())}
+        glyphs = [(position[patch], label) for patch, label in glyph_patches_on_grid(example.glyph_centres, grid)
+                  if patch in position]
+        pointers = [position.get(patch_on_grid(x, y, grid)) for x, y in example.answer_centres]
+        moved.append(replace(example, glyph_patches=glyphs, evidence_patches=[],
+                             answer_patches=pointers if None not in pointers else []))
+    return moved
 
 
 def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
@@ -626,6 +682,9 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
     else:
         raise ValueError(f"stage2_train must be 'lora' or 'projector', got {settings.stage2_train!r}")
     optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
+    glyph_token_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(ANSWER_ALPHABET)))
+    attention = (LastLayerAttention(model, settings.stage1_attention_heads)
+                 if settings.stage2_attention_weight else None)
     order = np.random.default_rng(settings.seed).permutation(
         np.concatenate([np.random.default_rng(settings.seed + epoch).permutation(len(examples))
                         for epoch in range(-(-settings.stage2_steps * settings.stage2_batch // len(examples)))]))
@@ -634,21 +693,34 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
     for step in range(settings.stage2_steps):
         rows = order[step * settings.stage2_batch:(step + 1) * settings.stage2_batch]
         view = view_of_batch(settings, step)
-        visual, count = visual_tokens_for_view(model, features_low[rows], features_high[rows], view)
+        visual, kept_indices = visual_tokens_for_view(model, features_low[rows], features_high[rows], view)
         batch = noised_batch(builder, [examples[r].question for r in rows], [examples[r].answer for r in rows],
-                             count, model.config.text_config.mask_token_id, _seeded_generator(settings.seed, 3, step))
+                             visual.shape[1], model.config.text_config.mask_token_id,
+                             _seeded_generator(settings.seed, 3, step))
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage2_steps, settings.stage2_lr, warmup)
-        loss = diffusion_loss(model, batch, visual)
+        outputs = diffusion_forward(model, batch, visual)
+        targets = examples_in_view([examples[r] for r in rows], view, kept_indices, model.config.highres_grid[0])
+        terms = {
+            "loss": (1.0, outputs.loss),
+            "readout": (settings.stage2_readout_weight, glyph_readout_loss(
+                outputs.logits, batch, targets, glyph_token_ids, model.config.image_token_id)
+                if settings.stage2_readout_weight else None),
+            "attention": (settings.stage2_attention_weight, evidence_attention_loss(
+                attention.weights(), batch, targets, [len(builder.answer_ids(e.answer)) for e in targets],
+                model.config.image_token_id) if attention else None),
+        }
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted_sum(terms).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        running.append(loss.item())
+        running.append(term_values(terms))
         if (step + 1) % 50 == 0 or step + 1 == settings.stage2_steps:
-            _log(log_path, {"stage": 2, "step": step + 1, "loss": round(float(np.mean(running)), 4),
+            _log(log_path, {"stage": 2, "step": step + 1, **term_means(running, terms),
                             "seconds": round(time.perf_counter() - began, 1)})
             running = []
+    if attention:
+        attention.remove()
     model.eval()
     if peft_model is not None:
         peft_model.save_pretrained(out / "adapter")
@@ -701,12 +773,18 @@ def register(subparsers) -> None:
                         help="weight of the evidence-attention supervision of the LM's last layer (0 = off)")
     parser.add_argument("--stage1-copy-weight", type=float, default=defaults.stage1_copy_weight,
                         help="weight of the glyph copy loss on the supervised heads' value/output path (0 = off)")
+    parser.add_argument("--stage1-copy-start", type=int, default=defaults.stage1_copy_start,
+                        help="stage-1 step at which the copy loss switches on (default 0: from the start)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
                         help="train images whose tower features stage 2 caches")
     parser.add_argument("--stage2-steps", type=int, default=defaults.stage2_steps, help="stage-2 optimizer steps")
     parser.add_argument("--stage2-lr", type=float, default=defaults.stage2_lr, help="stage-2 peak learning rate")
+    parser.add_argument("--stage2-readout-weight", type=float, default=defaults.stage2_readout_weight,
+                        help="weight of the glyph readout at the view's visual tokens in stage 2 (0 = off)")
+    parser.add_argument("--stage2-attention-weight", type=float, default=defaults.stage2_attention_weight,
+                        help="weight of the answer-glyph attention supervision in stage 2 (0 = off)")
     parser.add_argument("--stage2-batch", type=int, default=defaults.stage2_batch, help="stage-2 rows per step")
     parser.add_argument("--stage2-views", default=",".join(map(str, default_views())),
                         help="views drawn per stage-2 batch: lowres, full and budgets K "
@@ -737,8 +815,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
+        stage1_copy_start=args.stage1_copy_start,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
-        stage2_lr=args.stage2_lr,
+        stage2_lr=args.stage2_lr, stage2_readout_weight=args.stage2_readout_weight,
+        stage2_attention_weight=args.stage2_attention_weight,
         stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
     )
     if not 1 <= settings.stage1_attention_heads <= EVIDENCE_LM_HEADS:
@@ -747,7 +827,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight"):
+    if not 0 <= settings.stage1_copy_start < settings.stage1_steps:
+        raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
+                         f"{settings.stage1_copy_start}")
+    for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight", "stage2_readout_weight",
+                 "stage2_attention_weight"):
         if not math.isfinite(getattr(settings, name)) or getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0 turns the term off), got "
                              f"{getattr(settings, name)}")

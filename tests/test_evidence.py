@@ -90,6 +90,42 @@ def test_native_patches_of_boxes_are_the_cells_a_box_covers():
     assert evidence.native_patches_of_boxes([[0, 0, 1, 1]]) == []  # too small an overlap counts for nothing
 
 
+def test_glyph_positions_on_a_grid_and_ambiguous_patches_left_out():
+    side = evidence.EVIDENCE_GEOMETRY.high_res_side
+    assert evidence.patch_on_grid(0, 0, 16) == 0
+    assert evidence.patch_on_grid(side, side, 16) == 16 * 16 - 1  # the far edge belongs to the last patch
+    assert evidence.patch_on_grid(side / 2 + 1, 3, 9) == 4  # x 65 of 128 on a 9-wide grid: column 4, row 0
+    centres = [(4.0, 4.0, 7), (5.0, 5.0, 8), (60.0, 4.0, 2)]  # two centres share patch 0 on a 16 grid
+    assert evidence.glyph_patches_on_grid(centres, 16) == [(7, 2)]
+
+
+def test_examples_in_view_move_the_labels_to_visual_token_positions():
+    example = evidence.make_example("train", 1, 2, 1.0)
+    assert len(example.answer_centres) == 3 and example.glyph_centres  # row 2 of seed 1: a 3-glyph form value
+    native = evidence.examples_in_view([example], evidence.NATIVE_VIEW, None, 16)[0]
+    assert native.glyph_patches == example.glyph_patches and native.answer_patches == example.answer_patches
+    assert native.evidence_patches == []  # the union of boxes is never a stage-2 target
+    full = evidence.examples_in_view([example], evidence.ALL_TOKENS, None, 16)[0]
+    assert full.answer_patches == [evidence.patch_on_grid(x, y, 16) for x, y in example.answer_centres]
+    kept = torch.tensor([sorted(set(full.answer_patches) | {0, 255})])
+    selected = evidence.examples_in_view([example], 84, kept, 16)[0]
+    assert [int(kept[0, i]) for i in selected.answer_patches] == full.answer_patches
+    assert all(int(kept[0, i]) in dict(full.glyph_patches) for i, _ in selected.glyph_patches)
+    dropped = evidence.examples_in_view([example], 84, torch.tensor([[0, 255]]), 16)[0]
+    assert dropped.answer_patches == []  # an answer glyph was not kept: no pointer for that row
+
+
+def test_copy_loss_switches_on_at_its_start_step():
+    settings = evidence.EvidenceSettings(stage1_copy_weight=0.5, stage1_copy_start=3)
+    assert [evidence.copy_weight_at(settings, step) for step in range(5)] == [0, 0, 0, 0.5, 0.5]
+
+
+def test_term_means_skip_terms_without_values():
+    terms = {"loss": None, "copy": None, "readout": None}
+    running = [[1.0, float("nan"), 2.0], [3.0, float("nan"), float("nan")]]
+    assert evidence.term_means(running, terms) == {"loss": 2.0, "readout": 2.0}
+
+
 def test_last_layer_attention_reproduces_the_layer_output():
     torch.manual_seed(0)
     tokenizer = evidence.build_evidence_tokenizer()
@@ -158,7 +194,8 @@ def test_glyph_readout_loss_reads_the_labelled_image_positions():
 def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
-                                         stage1_copy_weight=1.0)
+                                         stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
+                                         stage2_attention_weight=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -167,6 +204,8 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
     assert all(math.isfinite(stage1_record[name]) for name in ("aux", "readout", "attention", "copy", "val_loss"))
+    stage2_record = next(r for r in log if r["stage"] == 2 and "step" in r)
+    assert all(math.isfinite(stage2_record[name]) for name in ("loss", "readout", "attention"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
     merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
@@ -301,7 +340,9 @@ def test_shipped_remote_code_is_the_package_code(folder):
 
 
 @pytest.mark.parametrize("flag, value", [("--stage2-lr", "0"), ("--stage1-copy-weight", "-1"),
-                                         ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5")])
+                                         ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5"),
+                                         ("--stage1-copy-start", "-1"), ("--stage1-copy-start", "2000"),
+                                         ("--stage2-attention-weight", "-1")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
     assert main(["train-evidence", "--out", str(tmp_path / "run"), flag, value]) == 2
     assert flag in capsys.readouterr().err
