@@ -173,9 +173,9 @@ class Example:
     answer_centres: list = field(default_factory=list)  # [(x, y)] canvas centre of each answer glyph, in answer order
 
 
-def stage1_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
-    """Glyph scale of stage-1 row `index`: cycled every 3 rows (independent of the family, which is index mod 3),
-    capped for `form` pages."""
+def row_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
+    """Glyph scale of training row `index`: `scales` cycled every 3 rows (independent of the family, which is
+    index mod 3), capped for `form` pages."""
     scale = scales[(index // 3) % len(scales)]
     return min(scale, FORM_MAX_GLYPH_SCALE) if FAMILIES[index % len(FAMILIES)] == "form" else scale
 
@@ -325,6 +325,7 @@ class EvidenceSettings:
     stage2_readout_weight: float = 0.0
     stage2_attention_weight: float = 0.0
     stage2_data_seed: int = 2
+    stage2_glyph_scales: tuple = (1.0,)
     stage2_views: tuple = field(default_factory=default_views)
     stage2_train: str = "lora"  # lora | projector
     lora_rank: int = 4
@@ -514,7 +515,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     for step in range(start, settings.stage1_steps):
         indices = range(step * settings.stage1_batch, (step + 1) * settings.stage1_batch)
         examples = [make_example("train", settings.stage1_data_seed, i,
-                                 stage1_glyph_scale(i, settings.stage1_glyph_scales)) for i in indices]
+                                 row_glyph_scale(i, settings.stage1_glyph_scales)) for i in indices]
         pixels = image_processor([e.image for e in examples], size={"height": native, "width": native},
                                  do_anyres=False, return_tensors="pt")["pixel_values"]
         batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
@@ -660,7 +661,8 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
     model = ShirgLavidaForDiffusionLM.from_pretrained(base_dir).eval()
     processor = AutoProcessor.from_pretrained(base_dir)
     builder = PromptBuilder(processor)
-    examples = [make_example("train", settings.stage2_data_seed, i, 1.0) for i in range(settings.stage2_images)]
+    examples = [make_example("train", settings.stage2_data_seed, i, row_glyph_scale(i, settings.stage2_glyph_scales))
+                for i in range(settings.stage2_images)]
     began = time.perf_counter()
     features_low = tower_features(model, [e.image for e in examples], model.config.vision_config.image_size)
     features_high = tower_features(model, [e.image for e in examples], model.config.highres_image_size)
@@ -785,6 +787,8 @@ def register(subparsers) -> None:
                         help="weight of the glyph readout at the view's visual tokens in stage 2 (0 = off)")
     parser.add_argument("--stage2-attention-weight", type=float, default=defaults.stage2_attention_weight,
                         help="weight of the answer-glyph attention supervision in stage 2 (0 = off)")
+    parser.add_argument("--stage2-glyph-scales", default=",".join(map(str, defaults.stage2_glyph_scales)),
+                        help="glyph scales of the stage-2 images, cycled every 3 rows (default 1.0: the test's)")
     parser.add_argument("--stage2-batch", type=int, default=defaults.stage2_batch, help="stage-2 rows per step")
     parser.add_argument("--stage2-views", default=",".join(map(str, default_views())),
                         help="views drawn per stage-2 batch: lowres, full and budgets K "
@@ -794,6 +798,16 @@ def register(subparsers) -> None:
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank r (alpha 2r)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.set_defaults(func=run)
+
+
+def parse_glyph_scales(text: str) -> tuple:
+    try:
+        scales = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--stage2-glyph-scales: expected comma-separated numbers >= 1, got {text!r}") from None
+    if not scales or not all(math.isfinite(scale) and scale >= 1 for scale in scales):
+        raise ValueError(f"--stage2-glyph-scales: expected comma-separated numbers >= 1, got {text!r}")
+    return scales
 
 
 def parse_views(text: str) -> tuple:
@@ -819,6 +833,7 @@ def run(args: argparse.Namespace) -> int:
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_lr=args.stage2_lr, stage2_readout_weight=args.stage2_readout_weight,
         stage2_attention_weight=args.stage2_attention_weight,
+        stage2_glyph_scales=parse_glyph_scales(args.stage2_glyph_scales),
         stage2_views=parse_views(args.stage2_views), stage2_train=args.stage2_train, lora_rank=args.lora_rank,
     )
     if not 1 <= settings.stage1_attention_heads <= EVIDENCE_LM_HEADS:
