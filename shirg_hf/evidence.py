@@ -307,15 +307,15 @@ class EvidenceSettings:
     """Everything a run depends on (written to `settings.json`)."""
 
     seed: int = 0
-    stage1_steps: int = 2000
+    stage1_steps: int = 4000
     stage1_batch: int = 24
     stage1_lr: float = 2e-3
     stage1_aux_weight: float = 1.0
     stage1_readout_weight: float = 1.0
     stage1_attention_weight: float = 1.0
     stage1_attention_heads: int = 1
-    stage1_copy_weight: float = 0.0
-    stage1_copy_start: int = 0
+    stage1_copy_weight: float = 1.0
+    stage1_copy_start: int = 1500
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -776,7 +776,7 @@ def register(subparsers) -> None:
     parser.add_argument("--stage1-copy-weight", type=float, default=defaults.stage1_copy_weight,
                         help="weight of the glyph copy loss on the supervised heads' value/output path (0 = off)")
     parser.add_argument("--stage1-copy-start", type=int, default=defaults.stage1_copy_start,
-                        help="stage-1 step at which the copy loss switches on (default 0: from the start)")
+                        help="stage-1 step at which the copy loss switches on (default 1500)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,

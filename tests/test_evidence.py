@@ -341,7 +341,8 @@ def test_shipped_remote_code_is_the_package_code(folder):
 
 @pytest.mark.parametrize("flag, value", [("--stage2-lr", "0"), ("--stage1-copy-weight", "-1"),
                                          ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5"),
-                                         ("--stage1-copy-start", "-1"), ("--stage1-copy-start", "2000"),
+                                         ("--stage1-copy-start", "-1"),
+                                         ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
