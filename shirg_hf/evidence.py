@@ -523,6 +523,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
                              _seeded_generator(settings.seed, 1, step))
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
+        copy_weight = copy_weight_at(settings, step)
         features = model.vision_features(pixels)
         outputs = diffusion_forward(model, batch, model.multi_modal_projector(features))
         terms = {
@@ -533,9 +534,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
                 attention.weights(), batch, examples, [len(builder.answer_ids(e.answer)) for e in examples],
                 config.image_token_id) if settings.stage1_attention_weight else None),
-            "copy": (copy_weight_at(settings, step), glyph_copy_loss(
-                model, attention, batch, examples, glyph_token_ids, config.image_token_id)
-                if copy_weight_at(settings, step) else None),
+            "copy": (copy_weight, glyph_copy_loss(
+                model, attention, batch, examples, glyph_token_ids, config.image_token_id) if copy_weight else None),
         }
         optimizer.zero_grad(set_to_none=True)
         weighted_sum(terms).backward()
@@ -637,12 +637,11 @@ def examples_in_view(examples: list[Example], view, kept_indices: torch.Tensor |
     (native grid, high-res grid, or the kept tokens of a budget K): the stage-2 reading aids' targets. A glyph
     whose patch was dropped loses its label; an answer with a dropped glyph loses its pointers."""
     grid = native_grid() if view == NATIVE_VIEW else highres_grid
+    every_patch = {patch: patch for patch in range(grid * grid)}
     moved = []
     for row, example in enumerate(examples):
-        if kept_indices is None:
-            position = {patch: patch for patch in range(grid * grid)}
-        else:
-            position = {int(patch): index for index, patch in enumerate(kept_indices[row].tolist())}
+        position = every_patch if kept_indices is None else {
+            patch: index for index, patch in enumerate(kept_indices[row].tolist())}
         glyphs = [(position[patch], label) for patch, label in glyph_patches_on_grid(example.glyph_centres, grid)
                   if patch in position]
         pointers = [position.get(patch_on_grid(x, y, grid)) for x, y in example.answer_centres]
@@ -702,7 +701,8 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage2_steps, settings.stage2_lr, warmup)
         outputs = diffusion_forward(model, batch, visual)
-        targets = examples_in_view([examples[r] for r in rows], view, kept_indices, model.config.highres_grid[0])
+        targets = (examples_in_view([examples[r] for r in rows], view, kept_indices, model.config.highres_grid[0])
+                   if settings.stage2_readout_weight or attention else None)
         terms = {
             "loss": (1.0, outputs.loss),
             "readout": (settings.stage2_readout_weight, glyph_readout_loss(
@@ -801,12 +801,13 @@ def register(subparsers) -> None:
 
 
 def parse_glyph_scales(text: str) -> tuple:
+    problem = f"--stage2-glyph-scales: expected comma-separated numbers >= 1 (e.g. 1.0,1.3), got {text!r}"
     try:
         scales = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"--stage2-glyph-scales: expected comma-separated numbers >= 1, got {text!r}") from None
+        raise ValueError(problem) from None
     if not scales or not all(math.isfinite(scale) and scale >= 1 for scale in scales):
-        raise ValueError(f"--stage2-glyph-scales: expected comma-separated numbers >= 1, got {text!r}")
+        raise ValueError(problem)
     return scales
 
 
