@@ -363,6 +363,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         vision_mode: str | None = None,
         selection_method: str | None = None,
         selection_inputs: dict | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> ShirgLavidaOutput:
         """Masked-diffusion forward.
 
@@ -372,7 +373,8 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
         (the first `prefix_lengths[b]` positions, image tokens included) attend only to the prompt, so training
         matches cached inference exactly; `full` is the original's bidirectional attention. `image_rows` [B]
         lets rows share images; `vision_mode`, `selection_method`, `shirg_budget` and `selection_inputs` choose
-        the front end as the processor / collator expanded the prompt (see `embed_multimodal`).
+        the front end as the processor / collator expanded the prompt (see `embed_multimodal`). `position_ids`
+        [B, T] replaces the rotary positions (default: real tokens counted from 0, left padding skipped).
         """
         image_token_counts, kept_indices = None, None
         if inputs_embeds is None:
@@ -386,7 +388,7 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
             raise ValueError("Pass either inputs_embeds or pixel_values, not both.")
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        position_ids, num_answer_tokens = None, None
+        num_answer_tokens = None
         if prefix_lengths is not None:
             prefix_lengths = torch.as_tensor(prefix_lengths, device=inputs_embeds.device)
             positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
@@ -394,7 +396,8 @@ class ShirgLavidaForDiffusionLM(ShirgLavidaPreTrainedModel, GenerationMixin):
             num_answer_tokens = is_answer.sum(-1)  # [B], EOS padding of the answers included
         if prefix_lengths is not None and self.config.training_attention == "prefix_dlm":
             # A 4-D mask carries no padding information for positions: count real tokens (left padding).
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
             attention_mask = prefix_dlm_attention_mask(attention_mask, prefix_lengths)
         elif labels is not None and self.config.training_attention == "prefix_dlm":
             raise ValueError(

@@ -39,6 +39,7 @@ from .training import _seeded_generator, complementary_noising, projector_lora_c
 EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
 EVIDENCE_LM_HEADS = 4
+EVIDENCE_MAX_POSITION_JITTER = 256  # keeps every stage-1 row far inside the LM's 1,024 positions
 
 
 def _registered_mode(view_side: str, selects: bool) -> str:
@@ -279,15 +280,27 @@ def noised_batch(builder: PromptBuilder, questions, answers, image_tokens: int, 
             "prefix_lengths": lengths[noised["source_rows"]], "image_rows": noised["source_rows"]}
 
 
+def jittered_positions(batch: dict, image_token_id: int, jitter: int, generator: torch.Generator) -> torch.Tensor:
+    """Rotary positions [2B, T] of a noised batch with a gap of 0..`jitter` positions (one draw per image) between
+    each row's image block and the text after it: the question no longer sits at a fixed distance from the image."""
+    input_ids, image_rows = batch["input_ids"], batch["image_rows"]
+    gaps = torch.randint(jitter + 1, (int(image_rows.max()) + 1,), generator=generator)[image_rows]  # [2B]
+    is_image = input_ids == image_token_id  # [2B, T]
+    after_image = is_image.cumsum(-1).bool() & ~is_image  # [2B, T]
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)  # [2B, T]
+    return positions + gaps[:, None] * after_image
+
+
 def diffusion_forward(model, batch: dict, visual: torch.Tensor):
     """The model's masked-diffusion forward (loss and logits) with `visual` [B, n, H] (projected tokens per image)
-    in the prompt."""
+    in the prompt (and the batch's `position_ids` when it has them)."""
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     positions = input_ids == model.config.image_token_id
     visual = visual[batch["image_rows"]].reshape(-1, visual.shape[-1]).to(embeds.dtype)
     embeds = embeds.masked_scatter(positions[..., None], visual)
-    return model(inputs_embeds=embeds, labels=batch["labels"], prefix_lengths=batch["prefix_lengths"])
+    return model(inputs_embeds=embeds, labels=batch["labels"], prefix_lengths=batch["prefix_lengths"],
+                 position_ids=batch.get("position_ids"))
 
 
 def diffusion_loss(model, batch: dict, visual: torch.Tensor) -> torch.Tensor:
@@ -316,6 +329,7 @@ class EvidenceSettings:
     stage1_attention_heads: int = 1
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
+    stage1_position_jitter: int = 0
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -521,6 +535,9 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
                              processor.num_image_tokens(vision_mode=NATIVE_VIEW), config.text_config.mask_token_id,
                              _seeded_generator(settings.seed, 1, step))
+        if settings.stage1_position_jitter:
+            batch["position_ids"] = jittered_positions(batch, config.image_token_id, settings.stage1_position_jitter,
+                                                       _seeded_generator(settings.seed, 5, step))
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
         copy_weight = copy_weight_at(settings, step)
@@ -777,6 +794,9 @@ def register(subparsers) -> None:
                         help="weight of the glyph copy loss on the supervised heads' value/output path (0 = off)")
     parser.add_argument("--stage1-copy-start", type=int, default=defaults.stage1_copy_start,
                         help="stage-1 step at which the copy loss switches on (default 1500)")
+    parser.add_argument("--stage1-position-jitter", type=int, default=defaults.stage1_position_jitter,
+                        help="largest gap (positions) drawn per image between the image block and the text after "
+                             "it in stage 1 (0 = off)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
@@ -830,7 +850,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
-        stage1_copy_start=args.stage1_copy_start,
+        stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_lr=args.stage2_lr, stage2_readout_weight=args.stage2_readout_weight,
         stage2_attention_weight=args.stage2_attention_weight,
@@ -843,6 +863,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= settings.stage1_position_jitter <= EVIDENCE_MAX_POSITION_JITTER:
+        raise ValueError(f"--stage1-position-jitter must be in [0, {EVIDENCE_MAX_POSITION_JITTER}] positions, got "
+                         f"{settings.stage1_position_jitter}")
     if not 0 <= settings.stage1_copy_start < settings.stage1_steps:
         raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
                          f"{settings.stage1_copy_start}")

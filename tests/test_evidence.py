@@ -74,6 +74,52 @@ def test_noised_batch_is_complementary_and_answers_fill_the_window():
         assert labels.shape[1] - prefix >= evidence.ANSWER_TOKENS
 
 
+def noised_native_batch(config, tokenizer, generator_seed: int = 0) -> dict:
+    builder = evidence.PromptBuilder(evidence.evidence_processor(config, tokenizer, vision_mode="lowres"))
+    return evidence.noised_batch(builder, ["What is in the red tag?", "Which bar is the tallest?", "What is the A?"],
+                                 ["K8", "red", "7"], 81, config.text_config.mask_token_id,
+                                 torch.Generator().manual_seed(generator_seed))
+
+
+def test_jittered_positions_shift_only_the_text_after_each_image_by_one_gap_per_image():
+    tokenizer = evidence.build_evidence_tokenizer()
+    config = evidence.evidence_config(tokenizer)
+    batch = noised_native_batch(config, tokenizer)
+    plain = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    assert torch.equal(evidence.jittered_positions(batch, config.image_token_id, 0, torch.Generator()), plain)
+    positions = evidence.jittered_positions(batch, config.image_token_id, 40, torch.Generator().manual_seed(3))
+    assert torch.equal(positions, evidence.jittered_positions(batch, config.image_token_id, 40,
+                                                              torch.Generator().manual_seed(3)))
+    gaps = []
+    for row in range(positions.shape[0]):
+        image = (batch["input_ids"][row] == config.image_token_id).nonzero().flatten()
+        end = int(image.max()) + 1
+        assert torch.equal(positions[row, :end], plain[row, :end])  # system prompt and image untouched
+        shift = positions[row, end:] - plain[row, end:]
+        assert bool((shift == shift[0]).all()) and 0 <= int(shift[0]) <= 40  # one gap for all the text after
+        gaps.append(int(shift[0]))
+    rows = batch["image_rows"].tolist()
+    assert all(gaps[a] == gaps[b] for a in range(len(rows)) for b in range(len(rows)) if rows[a] == rows[b])
+    assert len(set(gaps)) > 1
+
+
+def test_forward_position_ids_replace_the_default_positions():
+    tokenizer = evidence.build_evidence_tokenizer()
+    config = evidence.evidence_config(tokenizer, vision_mode="lowres")
+    torch.manual_seed(0)
+    model = ShirgLavidaForDiffusionLM(config).eval()
+    batch = noised_native_batch(config, tokenizer)
+    visual = torch.randn(3, 81, config.text_config.hidden_size)
+    with torch.no_grad():
+        default = evidence.diffusion_forward(model, batch, visual)
+        plain = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        explicit = evidence.diffusion_forward(model, {**batch, "position_ids": plain}, visual)
+        shifted = evidence.diffusion_forward(model, {**batch, "position_ids": evidence.jittered_positions(
+            batch, config.image_token_id, 40, torch.Generator().manual_seed(3))}, visual)
+    assert torch.equal(default.logits, explicit.logits) and torch.equal(default.loss, explicit.loss)
+    assert not torch.allclose(default.logits, shifted.logits)
+
+
 def test_stage2_views_are_a_function_of_seed_and_step_and_cover_the_set():
     settings = evidence.EvidenceSettings()
     draws = [evidence.view_of_batch(settings, step) for step in range(200)]
@@ -195,7 +241,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
-                                         stage2_attention_weight=1.0)
+                                         stage2_attention_weight=1.0, stage1_position_jitter=8)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -341,7 +387,9 @@ def test_shipped_remote_code_is_the_package_code(folder):
 
 @pytest.mark.parametrize("flag, value", [("--stage2-lr", "0"), ("--stage1-copy-weight", "-1"),
                                          ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5"),
-                                         ("--stage1-copy-start", "-1"),
+                                         ("--stage1-copy-start", "-1"), ("--stage1-position-jitter", "-1"),
+                                         ("--stage1-position-jitter",
+                                          str(evidence.EVIDENCE_MAX_POSITION_JITTER + 1)),
                                          ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
