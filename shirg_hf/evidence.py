@@ -39,6 +39,8 @@ from .training import _seeded_generator, complementary_noising, projector_lora_c
 EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
 EVIDENCE_LM_HEADS = 4
+STAGE2_TRAINS = ("lora", "lm_lora", "projector")  # projector LoRA | + LoRA on the LM's linears | whole projector
+LM_LORA_TARGETS = r"(.*\.)?language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 EVIDENCE_MAX_POSITION_JITTER = 256  # keeps every stage-1 row far inside the LM's 1,024 positions
 
 
@@ -341,7 +343,7 @@ class EvidenceSettings:
     stage2_data_seed: int = 2
     stage2_glyph_scales: tuple = (1.0,)
     stage2_views: tuple = field(default_factory=default_views)
-    stage2_train: str = "lora"  # lora | projector
+    stage2_train: str = "lora"  # one of STAGE2_TRAINS
     lora_rank: int = 4
     val_questions: int = 300
     val_seed: int = 0
@@ -686,11 +688,13 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
     _log(log_path, {"stage": 2, "cached_images": len(examples), "seconds": round(time.perf_counter() - began, 1)})
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if settings.stage2_train == "lora":
+    if settings.stage2_train in ("lora", "lm_lora"):
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, projector_lora_config(rank=settings.lora_rank,
-                                                                 alpha=2 * settings.lora_rank, dropout=0.0))
+        lora = projector_lora_config(rank=settings.lora_rank, alpha=2 * settings.lora_rank, dropout=0.0)
+        if settings.stage2_train == "lm_lora":
+            lora = replace(lora, target_modules=f"{lora.target_modules}|{LM_LORA_TARGETS}")
+        peft_model = get_peft_model(model, lora)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
     elif settings.stage2_train == "projector":
         peft_model = None
@@ -698,7 +702,7 @@ def train_stage2(base_dir: Path, out: Path, settings: EvidenceSettings) -> dict:
         for parameter in trainable:
             parameter.requires_grad_(True)
     else:
-        raise ValueError(f"stage2_train must be 'lora' or 'projector', got {settings.stage2_train!r}")
+        raise ValueError(f"stage2_train must be one of {STAGE2_TRAINS}, got {settings.stage2_train!r}")
     optimizer = torch.optim.AdamW(trainable, lr=settings.stage2_lr, weight_decay=0.0)
     glyph_token_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(ANSWER_ALPHABET)))
     attention = (LastLayerAttention(model, settings.stage1_attention_heads)
@@ -813,8 +817,9 @@ def register(subparsers) -> None:
     parser.add_argument("--stage2-views", default=",".join(map(str, default_views())),
                         help="views drawn per stage-2 batch: lowres, full and budgets K "
                              "(default lowres,full,56,84,112)")
-    parser.add_argument("--stage2-train", default=defaults.stage2_train, choices=("lora", "projector"),
-                        help="train a projector LoRA (default) or the whole projector (a control)")
+    parser.add_argument("--stage2-train", default=defaults.stage2_train, choices=STAGE2_TRAINS,
+                        help="train a projector LoRA (default), the projector LoRA plus a LoRA on the LM's linear "
+                             "layers, or the whole projector (the last two are controls)")
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="LoRA rank r (alpha 2r)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.set_defaults(func=run)

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,10 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
     assert changed and all(name.startswith("multi_modal_projector.") for name in changed)  # only the LoRA'd projector
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    evidence.train_stage2(stage1, tmp_path / "lm_lora", replace(settings, stage2_train="lm_lora"))
+    lm_lora = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "lm_lora" / "model").state_dict()
+    changed = {name.split(".")[0] for name, tensor in lm_lora.items() if not torch.equal(tensor, base.state_dict()[name])}
+    assert changed == {"multi_modal_projector", "language_model"}  # the LM-LoRA control adapts both, not the tower
     processor = ShirgLavidaProcessor.from_pretrained(tmp_path / "model")
     sample = generate_sample("val", 0, 0)
     inputs = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], return_tensors="pt")
