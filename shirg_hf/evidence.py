@@ -287,9 +287,14 @@ def jittered_positions(batch: dict, image_token_id: int, jitter: int, generator:
     each row's image block and the text after it: the question no longer sits at a fixed distance from the image."""
     input_ids, image_rows = batch["input_ids"], batch["image_rows"]
     gaps = torch.randint(jitter + 1, (int(image_rows.max()) + 1,), generator=generator)[image_rows]  # [2B]
-    is_image = input_ids == image_token_id  # [2B, T]
-    after_image = is_image.cumsum(-1).bool() & ~is_image  # [2B, T]
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)  # [2B, T]
+    return shifted_positions(input_ids, image_token_id, gaps)
+
+
+def shifted_positions(input_ids: torch.Tensor, image_token_id: int, gaps: torch.Tensor) -> torch.Tensor:
+    """Rotary positions [B, T]: 0..T-1 with every token after a row's image block moved on by `gaps` [B]."""
+    is_image = input_ids == image_token_id  # [B, T]
+    after_image = is_image.cumsum(-1).bool() & ~is_image  # [B, T]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # [B, T]
     return positions + gaps[:, None] * after_image
 
 
