@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--blind", type=Path, help="bench_evidence_blind.py output")
     parser.add_argument("--gate0", type=Path, help="compare folder: stage-1 model, lowres, large-glyph val set")
     parser.add_argument("--layers", type=int, default=3, help="LM layers (KV cache per layer)")
+    parser.add_argument("--controls", nargs="+", metavar="ADAPTER=FOLDER", default=[],
+                        help="compare folders of other stage-2 runs (LM-LoRA, full projector, per-K, rank 2r): "
+                             "ablation rows with ADAPTER as their adapter")
     parser.add_argument("--decoding", nargs="+", metavar="LABEL=FOLDER", default=[],
                         help="compare folders of one variant under other decoding settings (issue 16's curve)")
     args = parser.parse_args()
@@ -94,6 +97,11 @@ def main() -> None:
         ablation(f"`{name}`", "LoRA", summaries[name], records[name])
     for name in zero_summaries:
         ablation(f"`{name}`", "none (zero-shot)", zero_summaries[name], zero_records[name])
+    for entry in args.controls:
+        adapter, _, folder = entry.partition("=")
+        control_summaries, control_records = load(Path(folder))
+        for name in control_summaries:
+            ablation(f"`{name}`", adapter, control_summaries[name], control_records[name])
     if args.blind:
         blind = json.loads(args.blind.read_text())
         cells = []
