@@ -29,17 +29,18 @@ def greedy_answer(model, inputs: dict, gap: int) -> torch.Tensor:
     mask_id = model.config.text_config.mask_token_id
     prompt = inputs["input_ids"]  # [1, P]
     answer = torch.full((1, ANSWER_TOKENS), mask_id)  # [1, L]
+    input_ids = torch.cat([prompt, answer], dim=1)  # [1, P + L]
+    embeds, _ = model.embed_multimodal(input_ids, inputs["pixel_values"], shirg_budget=inputs.get("shirg_budget"),
+                                       vision_mode=inputs["vision_mode"])  # [1, P + L, H]: the tower runs once
+    positions = shifted_positions(input_ids, model.config.image_token_id, torch.tensor([gap]))  # [1, P + L]
     for _ in range(ANSWER_TOKENS):
-        input_ids = torch.cat([prompt, answer], dim=1)  # [1, P + L]
-        embeds, _ = model.embed_multimodal(input_ids, inputs["pixel_values"], shirg_budget=inputs.get("shirg_budget"),
-                                           vision_mode=inputs["vision_mode"])
-        positions = shifted_positions(input_ids, model.config.image_token_id, torch.tensor([gap]))
         logits = model(inputs_embeds=embeds, prefix_lengths=torch.tensor([prompt.shape[1]]),
                        position_ids=positions).logits[0, prompt.shape[1]:]  # [L, V]
         confidence, proposal = logits.double().softmax(-1).max(-1)  # [L]
         confidence = confidence.masked_fill(answer[0] != mask_id, -1.0)
         position = int(confidence.argmax())
         answer[0, position] = proposal[position]
+        embeds[0, prompt.shape[1] + position] = model.get_input_embeddings()(proposal[position])
     return answer[0]
 
 
