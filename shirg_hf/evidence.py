@@ -298,6 +298,49 @@ def shifted_positions(input_ids: torch.Tensor, image_token_id: int, gaps: torch.
     return positions + gaps[:, None] * after_image
 
 
+def subset_count(settings: EvidenceSettings, step: int, num_patches: int) -> int | None:
+    """How many native tokens each image of stage-1 batch `step` keeps: None (the whole native view) or, for a
+    `stage1_subset_batches` fraction of the batches, a count drawn from [ceil(stage1_subset_min * N), N - 1]."""
+    generator = _seeded_generator(settings.seed, 6, step)
+    use_subset = float(torch.rand((), generator=generator)) < settings.stage1_subset_batches
+    lowest = min(num_patches - 1, math.ceil(settings.stage1_subset_min * num_patches))
+    count = int(torch.randint(lowest, num_patches, (), generator=generator))
+    return count if use_subset else None
+
+
+def native_subset(features: torch.Tensor, examples: list[Example], count: int, generator: torch.Generator):
+    """A SHIRG-shaped view of the native grid: per image, `count` patches (raster order) that include every
+    labelled glyph, answer-glyph and evidence patch (so the question stays answerable) plus random others, then
+    the mean of the dropped patches in the summary slot. features [B, N, D] -> (tokens [B, count' + 1, D], kept
+    [B, count']) with count' = max(count, the most patches an image must keep), or (features, None) when that
+    leaves nothing to drop."""
+    batch, num_patches, dim = features.shape
+    scores = torch.rand(batch, num_patches, generator=generator)  # [B, N]
+    for row, example in enumerate(examples):
+        needed = [patch for patch, _ in example.glyph_patches] + example.evidence_patches + example.answer_patches
+        scores[row, needed] += 1.0  # above every random score
+    count = max(count, int((scores >= 1.0).sum(-1).max()))
+    if count >= num_patches:
+        return features, None
+    kept = scores.topk(count, dim=-1).indices.sort(dim=-1).values  # [B, count]
+    dropped = torch.ones(batch, num_patches, dtype=torch.bool).scatter(1, kept, False)  # [B, N]
+    summary = (features * dropped[..., None]).sum(1) / dropped.sum(1, keepdim=True)  # [B, D]
+    kept_tokens = features.gather(1, kept[..., None].expand(-1, -1, dim))  # [B, count, D]
+    return torch.cat([kept_tokens, summary[:, None]], dim=1), kept
+
+
+def examples_in_subset(examples: list[Example], kept: torch.Tensor) -> list[Example]:
+    """`examples` with their native-grid glyph, evidence and answer patches moved to positions in the kept subset
+    `kept` [B, count] (every one of them is kept by `native_subset`)."""
+    moved = []
+    for row, example in enumerate(examples):
+        position = {patch: index for index, patch in enumerate(kept[row].tolist())}
+        moved.append(replace(example, glyph_patches=[(position[p], label) for p, label in example.glyph_patches],
+                             evidence_patches=[position[p] for p in example.evidence_patches],
+                             answer_patches=[position[p] for p in example.answer_patches]))
+    return moved
+
+
 def diffusion_forward(model, batch: dict, visual: torch.Tensor):
     """The model's masked-diffusion forward (loss and logits) with `visual` [B, n, H] (projected tokens per image)
     in the prompt (and the batch's `position_ids` when it has them)."""
@@ -337,6 +380,8 @@ class EvidenceSettings:
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
     stage1_position_jitter: int = 0
+    stage1_subset_batches: float = 0.0
+    stage1_subset_min: float = 0.4
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -539,8 +584,14 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
                                  row_glyph_scale(i, settings.stage1_glyph_scales)) for i in indices]
         pixels = image_processor([e.image for e in examples], size={"height": native, "width": native},
                                  do_anyres=False, return_tensors="pt")["pixel_values"]
+        features = model.vision_features(pixels)  # [B, N, D]
+        visual, lm_examples = features, examples
+        count = subset_count(settings, step, features.shape[1])
+        if count is not None:
+            visual, kept = native_subset(features, examples, count, _seeded_generator(settings.seed, 7, step))
+            lm_examples = examples if kept is None else examples_in_subset(examples, kept)
         batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
-                             processor.num_image_tokens(vision_mode=NATIVE_VIEW), config.text_config.mask_token_id,
+                             visual.shape[1], config.text_config.mask_token_id,
                              _seeded_generator(settings.seed, 1, step))
         if settings.stage1_position_jitter:
             batch["position_ids"] = jittered_positions(batch, config.image_token_id, settings.stage1_position_jitter,
@@ -548,18 +599,17 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, settings.stage1_steps, settings.stage1_lr, warmup)
         copy_weight = copy_weight_at(settings, step)
-        features = model.vision_features(pixels)
-        outputs = diffusion_forward(model, batch, model.multi_modal_projector(features))
+        outputs = diffusion_forward(model, batch, model.multi_modal_projector(visual))
         terms = {
             "loss": (1.0, outputs.loss),
             "aux": (settings.stage1_aux_weight, head.loss(features, examples)),
             "readout": (settings.stage1_readout_weight, glyph_readout_loss(
-                outputs.logits, batch, examples, glyph_token_ids, config.image_token_id)),
+                outputs.logits, batch, lm_examples, glyph_token_ids, config.image_token_id)),
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
-                attention.weights(), batch, examples, [len(builder.answer_ids(e.answer)) for e in examples],
+                attention.weights(), batch, lm_examples, [len(builder.answer_ids(e.answer)) for e in examples],
                 config.image_token_id) if settings.stage1_attention_weight else None),
             "copy": (copy_weight, glyph_copy_loss(
-                model, attention, batch, examples, glyph_token_ids, config.image_token_id) if copy_weight else None),
+                model, attention, batch, lm_examples, glyph_token_ids, config.image_token_id) if copy_weight else None),
         }
         optimizer.zero_grad(set_to_none=True)
         weighted_sum(terms).backward()
@@ -806,6 +856,11 @@ def register(subparsers) -> None:
     parser.add_argument("--stage1-position-jitter", type=int, default=defaults.stage1_position_jitter,
                         help="largest gap (positions) drawn per image between the image block and the text after "
                              "it in stage 1 (0 = off)")
+    parser.add_argument("--stage1-subset-batches", type=float, default=defaults.stage1_subset_batches,
+                        help="fraction of stage-1 batches whose images keep a random subset of their native tokens "
+                             "(every glyph and evidence patch, then the mean of the rest: SHIRG's layout; 0 = off)")
+    parser.add_argument("--stage1-subset-min", type=float, default=defaults.stage1_subset_min,
+                        help="smallest fraction of the native tokens such a subset keeps (default 0.4)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
@@ -861,6 +916,7 @@ def run(args: argparse.Namespace) -> int:
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
+        stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_lr=args.stage2_lr, stage2_readout_weight=args.stage2_readout_weight,
         stage2_attention_weight=args.stage2_attention_weight,
@@ -876,6 +932,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= settings.stage1_position_jitter <= EVIDENCE_MAX_POSITION_JITTER:
         raise ValueError(f"--stage1-position-jitter must be in [0, {EVIDENCE_MAX_POSITION_JITTER}] positions, got "
                          f"{settings.stage1_position_jitter}")
+    for name in ("stage1_subset_batches", "stage1_subset_min"):
+        if not 0 <= getattr(settings, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(settings, name)}")
     if not 0 <= settings.stage1_copy_start < settings.stage1_steps:
         raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
                          f"{settings.stage1_copy_start}")

@@ -237,12 +237,45 @@ def test_glyph_readout_loss_reads_the_labelled_image_positions():
     assert float(loss) < 1e-6
 
 
+def test_native_subset_keeps_every_needed_patch_in_raster_order_then_the_mean_of_the_rest():
+    features = torch.randn(2, 81, 4)
+    needed = evidence.Example(None, "q", "K", [(70, 3), (5, 1)], evidence_patches=[40, 41], answer_patches=[70])
+    plain = evidence.Example(None, "q", "K", [(12, 0)])
+    tokens, kept = evidence.native_subset(features, [needed, plain], 10, torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 11, 4) and kept.shape == (2, 10)
+    assert {5, 40, 41, 70} <= set(kept[0].tolist()) and 12 in kept[1].tolist()
+    assert torch.equal(kept, kept.sort(dim=-1).values)
+    for row in range(2):
+        assert torch.equal(tokens[row, :10], features[row, kept[row]])
+        dropped = sorted(set(range(81)) - set(kept[row].tolist()))
+        torch.testing.assert_close(tokens[row, 10], features[row, dropped].mean(0))
+    moved = evidence.examples_in_subset([needed], kept[:1])[0]
+    position = kept[0].tolist().index
+    assert moved.glyph_patches == [(position(70), 3), (position(5), 1)]
+    assert moved.evidence_patches == [position(40), position(41)] and moved.answer_patches == [position(70)]
+    crowded = evidence.Example(None, "q", "K", [], evidence_patches=list(range(30)))
+    tokens, kept = evidence.native_subset(features[:1], [crowded], 10, torch.Generator().manual_seed(0))
+    assert kept.shape == (1, 30)  # grows to what the image needs
+    assert evidence.native_subset(features[:1], [replace(crowded, evidence_patches=list(range(81)))], 10,
+                                  torch.Generator())[1] is None
+
+
+def test_subset_count_draws_the_asked_fraction_of_batches_within_range():
+    settings = evidence.EvidenceSettings(stage1_subset_batches=0.5, stage1_subset_min=0.4)
+    counts = [evidence.subset_count(settings, step, 81) for step in range(400)]
+    drawn = [count for count in counts if count is not None]
+    assert 150 < len(drawn) < 250 and min(drawn) >= 33 and max(drawn) <= 80
+    assert counts == [evidence.subset_count(settings, step, 81) for step in range(400)]
+    assert all(evidence.subset_count(evidence.EvidenceSettings(), step, 81) is None for step in range(50))
+
+
 # ---- training smoke run -----------------------------------------------------------------------------------
 def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     settings = evidence.EvidenceSettings(stage1_steps=2, stage1_batch=3, stage2_images=6, stage2_steps=5,
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
-                                         stage2_attention_weight=1.0, stage1_position_jitter=8)
+                                         stage2_attention_weight=1.0, stage1_position_jitter=8,
+                                         stage1_subset_batches=0.5)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -396,6 +429,7 @@ def test_shipped_remote_code_is_the_package_code(folder):
                                          ("--stage1-position-jitter",
                                           str(evidence.EVIDENCE_MAX_POSITION_JITTER + 1)),
                                          ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
+                                         ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
