@@ -24,6 +24,13 @@ give the same tokens.
 
     python benchmarks/bench_generate.py --sampler --threads 1 --batch-sizes 1 8
 
+`--decoding` times whole answers of the mid-size model under the decoding settings of issue 16 side by side
+(LaViDa's default schedule, fewer steps, Fast-dLLM's threshold and factor rules): seconds per answer against
+forward passes. Random weights are nearly uniform over the vocabulary, so the adaptive rules write one token per
+step here (their pass counts on a trained model are in BENCHMARKS.md); what this measures is what a pass costs.
+
+    python benchmarks/bench_generate.py --decoding --threads 1 --prompt-lengths 865 --repeats 3
+
 glibc returns large freed buffers to the OS and page-faults them back at the next step, a cost that grows with
 the buffers' size (batched ones more than per-row ones); `MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=4294967296` before the command keeps freed memory and times the tensor work alone.
@@ -61,6 +68,8 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sampler", action="store_true",
                         help="time the sampler alone (replayed logits): vectorised vs the former per-row loop")
+    parser.add_argument("--decoding", action="store_true",
+                        help="time answers under several decoding settings side by side (issue 16)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes of --sampler")
     parser.add_argument("--sampler-vocab-sizes", type=int, nargs="+", default=[2048, 126464],
                         help="vocabularies of --sampler (126,464 = LLaDA-8B's)")
@@ -184,12 +193,50 @@ def bench_sampler(args):
                   f"{per_row / vectorised:>6.2f}x")
 
 
+DECODING_SETTINGS = {  # name: generate() settings on top of max_new_tokens = block_length = L
+    "default (step_ratio 0.5, shift)": {},
+    "step_ratio 0.25": {"step_ratio": 0.25},
+    "threshold 0.9": {"decoding": "threshold", "threshold": 0.9},
+    "factor 1.0": {"decoding": "factor", "factor": 1.0},
+}
+
+
+def bench_decoding(args):
+    """Best wall time per answer and forward passes per decoding setting, the settings alternating per repeat."""
+    model = build_model(args)
+    length = args.answer_length
+    print(f"model: hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate_size}, "
+          f"vocab {args.vocab_size} (random weights); torch {torch.__version__}, {torch.get_num_threads()} CPU "
+          f"threads; batch {args.batch_size}, L = {length}, greedy, best of {args.repeats}")
+    header = f"{'P':>5} | {'decoding':<32} | {'passes / answer':>15} | {'s / answer':>10} | {'vs default':>10}"
+    print(header)
+    print("-" * len(header))
+    generator = torch.Generator().manual_seed(1)
+    for prefix_length in args.prompt_lengths:
+        input_ids = torch.randint(0, args.vocab_size - 8, (args.batch_size, prefix_length), generator=generator)
+        best, passes = dict.fromkeys(DECODING_SETTINGS, float("inf")), {}
+        for _ in range(args.repeats):
+            for name, settings in DECODING_SETTINGS.items():
+                start = time.perf_counter()
+                output = model.generate(input_ids=input_ids, max_new_tokens=length, block_length=length,
+                                        temperature=0.0, return_dict_in_generate=True, **settings)
+                best[name] = min(best[name], (time.perf_counter() - start) / args.batch_size)
+                passes[name] = output.num_forward_passes
+        default = best[next(iter(DECODING_SETTINGS))]
+        for name in DECODING_SETTINGS:
+            print(f"{prefix_length:>5} | {name:<32} | {passes[name]:>15d} | {best[name]:>10.3f} | "
+                  f"{best[name] / default:>9.2f}x")
+
+
 def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sampler:
         bench_sampler(args)
+        return
+    if args.decoding:
+        bench_decoding(args)
         return
     model = build_model(args)
     length, steps = args.answer_length, args.steps
