@@ -45,6 +45,11 @@ CANDIDATES = {
     "n_ig37": ((0.3, 0, 0.7), "similarity", False),
     "n_ig15": ((0.15, 0, 0.85), "similarity", False),
     "n_attn_g37": ((0.3, 0, 0.7), "attention_normalised", False),
+    "c_attn_g37": ((0.3, 0, 0.7), "attention_normalised", True),
+    "c_ig10": ((0.1, 0, 0.9), "similarity", True),
+    "n_ig10": ((0.1, 0, 0.9), "similarity", False),
+    "c_ig05": ((0.05, 0, 0.95), "similarity", True),
+    "n_ig05": ((0.05, 0, 0.95), "similarity", False),
 }
 BUDGETS = {"tiny": (32, 48, 64), "evidence": (56, 84, 112)}
 
@@ -74,6 +79,18 @@ def random_evidence_tower(folder: Path) -> Path:
         ShirgLavidaForDiffusionLM(config).save_pretrained(folder)
         evidence_processor(config, tokenizer).save_pretrained(folder, overwrite=True)
     return folder
+
+
+def with_coverage_cells(folder: Path, cells: tuple[int, int], out: Path) -> Path:
+    """A copy of model folder `folder` whose `selection.coverage_cells` is `cells` (every covered method uses it)."""
+    import shutil
+
+    copy = out / f"tower-cells-{cells[0]}x{cells[1]}"
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    config = json.loads((copy / "config.json").read_text())
+    config["selection"]["coverage_cells"] = list(cells)
+    (copy / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return copy
 
 
 def adaptive_recall(data: str, tower_source: str, k_range: tuple[int, int], limit: int | None = None) -> dict:
@@ -118,12 +135,16 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--adaptive", type=int, nargs=2, metavar=("K_MIN", "K_MAX"),
                         help="only measure shirg with adaptive K in [K_MIN, K_MAX] (mean K and recall)")
+    parser.add_argument("--coverage-cells", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                        help="measure with these coverage cells instead of the tower folder's")
     args = parser.parse_args(argv)
     out = Path(args.out)
     register_candidates()
     tower = args.tower
     if tower == "random-evidence":
         tower = str(random_evidence_tower(out / "random-evidence-tower"))
+    if args.coverage_cells:
+        tower = str(with_coverage_cells(Path(tower), tuple(args.coverage_cells), out))
     if args.adaptive:
         result = adaptive_recall(args.data, tower, tuple(args.adaptive), args.limit)
         out.mkdir(parents=True, exist_ok=True)
