@@ -380,12 +380,12 @@ class EvidenceSettings:
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
     stage1_position_jitter: int = 0
-    stage1_subset_batches: float = 0.0
+    stage1_subset_batches: float = 1.0
     stage1_subset_min: float = 0.4
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
-    stage2_steps: int = 400
+    stage2_steps: int = 100
     stage2_batch: int = 24
     stage2_lr: float = 2e-4
     stage2_readout_weight: float = 0.0

@@ -266,7 +266,8 @@ def test_subset_count_draws_the_asked_fraction_of_batches_within_range():
     drawn = [count for count in counts if count is not None]
     assert 150 < len(drawn) < 250 and min(drawn) >= 33 and max(drawn) <= 80
     assert counts == [evidence.subset_count(settings, step, 81) for step in range(400)]
-    assert all(evidence.subset_count(evidence.EvidenceSettings(), step, 81) is None for step in range(50))
+    off = evidence.EvidenceSettings(stage1_subset_batches=0.0)
+    assert all(evidence.subset_count(off, step, 81) is None for step in range(50))
 
 
 # ---- training smoke run -----------------------------------------------------------------------------------
