@@ -2,6 +2,7 @@
 
     python benchmarks/evidence_tables.py --lora runs/evidence/cmp_lora --zero-shot runs/evidence/cmp_zero \
         --blind runs/evidence/blind.json --gate0 runs/evidence/cmp_g0 > runs/evidence/tables.md
+    python benchmarks/evidence_tables.py --selectors 56=runs/cmp_56 84=runs/cmp_84 112=runs/cmp_112
 
 Accuracy is exact match with a 95 % Wilson interval; `fine` = detail + reverse questions (the answer needs the
 fine glyphs); gates and the main claim follow ../shared/EVIDENCE.md.
@@ -11,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from shirg_hf.compare import wilson_interval
+from shirg_hf.compare import paired_difference, wilson_interval
 
 NUM_LAYERS_KEY = "num_hidden_layers"
 
@@ -44,7 +45,7 @@ DETAIL2 = lambda r: r["question_type"] == "detail" and int(r["answer_glyphs"]) =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lora", type=Path, nargs="+", required=True,
+    parser.add_argument("--lora", type=Path, nargs="+", default=[],
                         help="compare folder(s) of the shipped (merged) model, variants merged in order")
     parser.add_argument("--zero-shot", type=Path, help="compare folder of the stage-1 model (no adapter)")
     parser.add_argument("--blind", type=Path, help="bench_evidence_blind.py output")
@@ -53,9 +54,17 @@ def main() -> None:
     parser.add_argument("--controls", nargs="+", metavar="ADAPTER=FOLDER", default=[],
                         help="compare folders of other stage-2 runs (LM-LoRA, full projector, per-K, rank 2r): "
                              "ablation rows with ADAPTER as their adapter")
+    parser.add_argument("--selectors", nargs="+", metavar="K=FOLDER", default=[],
+                        help="compare folders of the default and every baseline at budget K (issue 15's "
+                             "requirement 4): paired differences and the verdict")
     parser.add_argument("--decoding", nargs="+", metavar="LABEL=FOLDER", default=[],
                         help="compare folders of one variant under other decoding settings (issue 16's curve)")
     args = parser.parse_args()
+    if not args.lora:
+        if not args.selectors:
+            parser.error("pass --lora FOLDER ... (the main tables) and/or --selectors K=FOLDER ...")
+        print(selector_table(args.selectors))
+        return
     summaries, records = {}, {}
     for folder in args.lora:
         folder_summaries, folder_records = load(folder)
@@ -167,7 +176,71 @@ def main() -> None:
                        f"({100 * (shirg[0] - value[0]):+.1f} points)")
     if args.decoding:
         out += ["", decoding_table(args.decoding, records, summaries)]
+    if args.selectors:
+        out += ["", selector_table(args.selectors)]
     print("\n".join(out))
+
+
+BASELINES = ("gradient", "importance", "magnitude", "no_coverage", "random", "pooled")  # issue 15, requirement 4
+ALSO_SHOWN = ("shirg_seed", "no_summary", "oracle")
+NO_RECALL = ("pooled",)  # region means cover every patch: recall 100 % by construction
+
+
+def _difference(value: dict) -> str:
+    low, high = value["ci95"]
+    return f"{100 * value['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def selector_table(entries: list[str], default: str = "shirg") -> str:
+    """Issue 15's requirement 4 per K: each selector's recall and accuracy, the default minus it paired on the
+    same questions (95 % interval), and the verdict: accuracy met when no baseline is significantly better
+    (every interval's upper end >= 0) and the default is significantly above random and pooled (lower end > 0);
+    recall met when the default's mean recall is the highest (pooled excluded: its recall is 100 % by
+    construction)."""
+    lines = ["### The default against every baseline, paired on the same test questions (issue 15, requirement 4)",
+             "", "| K | selector | recall % | all % | detail % | default - selector: recall (points) | all | detail |",
+             "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for entry in entries:
+        budget, _, folder = entry.partition("=")
+        summaries, records = load(Path(folder))
+        ref = records[f"{default}:{budget}"]
+        ref_detail = [r for r in ref if DETAIL(r)]
+        short_all, short_detail, short_recall, not_above = [], [], [], []
+        for name in (default, *BASELINES, *ALSO_SHOWN):
+            variant = f"{name}:{budget}"
+            if variant not in records:
+                continue
+            rs, summary = records[variant], summaries[variant]
+            cells = [f"{100 * summary['evidence_recall']:.1f}", cell(acc(rs)), cell(acc(rs, DETAIL))]
+            if name == default:
+                lines.append(f"| {budget} | `{variant}` (default) | " + " | ".join(cells) + " | - | - | - |")
+                continue
+            recall = None if name in NO_RECALL else paired_difference(ref, rs, "recall")
+            overall = paired_difference(ref, rs)
+            detail = paired_difference(ref_detail, [r for r in rs if DETAIL(r)])
+            lines.append(f"| {budget} | `{variant}` | " + " | ".join(cells) + " | "
+                         + ("-" if recall is None else _difference(recall)) + f" | {_difference(overall)} | "
+                         + f"{_difference(detail)} |")
+            if name not in BASELINES:
+                continue
+            if overall["ci95"][1] < 0:
+                short_all.append(name)
+            if detail["ci95"][1] < 0:
+                short_detail.append(name)
+            if recall is not None and recall["difference"] < 0:
+                short_recall.append(f"{name} ({100 * recall['difference']:+.1f}"
+                                    + (", significant" if recall["ci95"][1] < 0 else "") + ")")
+            if name in ("random", "pooled") and overall["ci95"][0] <= 0:
+                not_above.append(name)
+        accuracy_met = not short_all and not not_above
+        verdicts.append(f"- K = {budget}: accuracy **{'met' if accuracy_met else 'not met'}** (significantly better "
+                        f"than the default on all questions: {', '.join(short_all) or 'none'}; not significantly "
+                        f"below it, of random / pooled: {', '.join(not_above) or 'none'}; on detail questions "
+                        f"significantly better: {', '.join(short_detail) or 'none'}); recall **"
+                        + ("met" if not short_recall else "not met") + "** (higher mean recall than the default: "
+                        + (", ".join(short_recall) or "none") + ")")
+    return "\n".join(lines + ["", *verdicts])
 
 
 def decoding_table(entries: list[str], records: dict, summaries: dict, variant: str = "shirg:84") -> str:

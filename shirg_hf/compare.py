@@ -47,10 +47,10 @@ from .evaluation import (
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_file, exclusive_lock, write_json_atomically
 from .modeling.visual_tokens import (
-    DEFAULT_VISION_MODE, get_selection_method, get_vision_mode, num_image_tokens, selection_method_names,
-    vision_mode_names,
+    ADAPTIVE_BUDGET, ADAPTIVE_EDGE_THRESHOLD, DEFAULT_VISION_MODE, adaptive_budget, get_selection_method,
+    get_vision_mode, num_image_tokens, selection_method_names, vision_mode_names,
 )
-from .processing.image_processing_shirg import load_image
+from .processing.image_processing_shirg import busy_patch_count, load_image
 
 ORACLE = "oracle"
 ORACLE_FILL_METHOD = "no_coverage"  # after the evidence patches, the oracle fills by the SHIRG score, no coverage
@@ -73,12 +73,14 @@ def vision_mode_variants() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Variant:
-    """A vision mode (`lowres`, `full`) or a selection method at budget K (the selecting vision mode)."""
+    """A vision mode (`lowres`, `full`), a selection method at budget K (the selecting vision mode), or one with
+    adaptive K in [K_min, K_max] (`METHOD:KMIN-KMAX`: the processor picks K per image)."""
 
     name: str
     vision_mode: str
     method: str | None = None
     budget: int | None = None
+    adaptive: tuple[int, int] | None = None
 
     @property
     def selector_method(self) -> str | None:
@@ -94,7 +96,17 @@ def make_selector(variant: Variant, config):
     """The variant's ShirgSelector with the model's other selection settings (cells, weights, summary, ...)."""
     from .modeling.selection_shirg import ShirgSelector
 
-    return ShirgSelector(**{**config.selection, "method": variant.selector_method, "budget": variant.budget})
+    if variant.adaptive is None:
+        return ShirgSelector(**{**config.selection, "method": variant.selector_method, "budget": variant.budget})
+    return ShirgSelector(**{**config.selection, "method": variant.selector_method, "budget": variant.adaptive[1],
+                            "adaptive_budget": variant.adaptive})
+
+
+def image_budget(variant: Variant, pixel_values, config) -> int:
+    """K of one image under an adaptive variant, from its preprocessed high-res view [3, S, S] (the processor's
+    rule, `adaptive_budget`)."""
+    busy = busy_patch_count(pixel_values, config.geometry.patch_size, ADAPTIVE_EDGE_THRESHOLD)
+    return adaptive_budget(busy, {"adaptive_budget": list(variant.adaptive)})
 
 
 def parse_variants(text: str, config) -> list[Variant]:
@@ -108,23 +120,32 @@ def parse_variants(text: str, config) -> list[Variant]:
             variants.append(Variant(name, name))
             continue
         method, _, budget = name.partition(":")
-        if method not in selection_methods() or not budget.isdigit():
-            raise ValueError(f"--variants {name!r}: expected {' or '.join(vision_mode_variants())}, or METHOD:K with "
-                             f"METHOD among {', '.join(selection_methods())} and K an integer")
-        variant = Variant(name, DEFAULT_VISION_MODE, method, int(budget))
+        low, dash, high = budget.partition("-")
+        if method not in selection_methods() or not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"--variants {name!r}: expected {' or '.join(vision_mode_variants())}, METHOD:K or "
+                             f"METHOD:KMIN-KMAX (adaptive K) with METHOD among {', '.join(selection_methods())} and "
+                             "K integers")
+        if dash and (method == ORACLE or int(low) > int(high)):
+            raise ValueError(f"--variants {name!r}: adaptive K needs KMIN <= KMAX and a method other than "
+                             f"{ORACLE!r} (it ranks each image's evidence first at a fixed K)")
+        variant = Variant(name, DEFAULT_VISION_MODE, method, None, (int(low), int(high))) if dash else \
+            Variant(name, DEFAULT_VISION_MODE, method, int(low))
         try:
-            make_selector(variant, config).check_budget(variant.budget, config.num_highres_patches)
+            for k in variant.adaptive or (variant.budget,):
+                make_selector(variant, config).check_budget(k, config.num_highres_patches)
         except ValueError as error:
             raise ValueError(f"--variants {name!r} does not fit this model: {error}") from None
         variants.append(variant)
     return variants
 
 
-def visual_tokens(variant: Variant, config) -> int:
-    """Visual tokens one image takes in the prompt under `variant`."""
+def visual_tokens(variant: Variant, config, budget: int | None = None) -> int:
+    """Visual tokens one image takes in the prompt under `variant` (`budget`: that image's K, adaptive only)."""
     if variant.method is None:
         return num_image_tokens(variant.vision_mode, config.geometry, config.selection)
-    return make_selector(variant, config).num_output_tokens(config.num_highres_patches, variant.budget)
+    if (variant.adaptive is None) != (budget is None):
+        raise ValueError(f"visual_tokens: pass the image's K for the adaptive variant {variant.name!r} only")
+    return make_selector(variant, config).num_output_tokens(config.num_highres_patches, budget or variant.budget)
 
 
 # ---- evidence ----------------------------------------------------------------------------------------------
@@ -154,13 +175,13 @@ def evidence_recall(variant: Variant, mask: np.ndarray, kept=None) -> float | No
 
 class VariantSelector(nn.Module):
     """Stands in for `model.selector` during a variant: runs its selector with the batch's oracle priority and
-    remembers the kept patches."""
+    remembers the kept patches of every call (the model calls it once per image under adaptive K)."""
 
     def __init__(self, selector):
         super().__init__()
         self.selector = selector
         self.priority = None
-        self.kept_indices = None
+        self.kept_calls = []
 
     def needs_attention(self, method=None) -> bool:
         return self.selector.needs_attention(method)
@@ -172,8 +193,12 @@ class VariantSelector(nn.Module):
     def forward(self, features, grid_size=None, budget=None, attentions=None, method=None, inputs=None):
         output = self.selector(features, grid_size=grid_size, budget=budget, attentions=attentions, method=method,
                                inputs=inputs, priority=self.priority)
-        self.kept_indices = output.kept_indices
+        self.kept_calls.append(output.kept_indices)
         return output
+
+    def kept_rows(self) -> list:
+        """The kept patch indices of every image since the last `kept_calls` reset, in order ([K_i] arrays)."""
+        return [row.cpu().numpy() for call in self.kept_calls for row in call]
 
 
 @contextlib.contextmanager
@@ -208,6 +233,27 @@ def wilson_interval(correct: int, total: int, z: float = WILSON_Z) -> tuple[floa
     return low, high
 
 
+def paired_difference(records: list[dict], reference: list[dict], key: str = "correct", z: float = WILSON_Z
+                      ) -> dict:
+    """Mean per-question difference `records - reference` of `key` (correct or recall) over the questions both
+    answered, with a two-sided normal 95 % interval of the paired differences (for 0/1 outcomes the paired
+    proportion interval from the discordant pairs). Pairs where either value is None (no evidence patches)
+    are skipped; two runs of different question sets raise."""
+    values = {record["question_id"]: record[key] for record in reference}
+    if {record["question_id"] for record in records} != set(values):
+        raise ValueError("paired_difference needs both runs on the same questions; run `compare` on the same "
+                         "data (and --limit) for both")
+    diffs = [float(record[key]) - float(values[record["question_id"]]) for record in records
+             if record[key] is not None and values[record["question_id"]] is not None]
+    if not diffs:
+        raise ValueError(f"paired_difference: no question has {key!r} in both runs")
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(variance / n)
+    return {"difference": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
 def accuracy_summary(records: list[dict]) -> dict:
     correct, total = sum(bool(record["correct"]) for record in records), len(records)
     low, high = wilson_interval(correct, total)
@@ -234,7 +280,8 @@ def summarize(variants: list[Variant], records: list[dict], recall_only: bool) -
         rows = by_variant.get(variant.name, [])
         summary = {
             "variant": variant.name, "vision_mode": variant.vision_mode, "method": variant.method,
-            "budget": variant.budget, "answered": len(rows),
+            "budget": variant.budget, "adaptive_budget": None if variant.adaptive is None else list(variant.adaptive),
+            "answered": len(rows),
             "visual_tokens": mean_or_none(r["visual_tokens"] for r in rows),
             "evidence_recall": mean_or_none(r["recall"] for r in rows),
             "recall_by_question_type": {name: mean_or_none(r["recall"] for r in group)
@@ -450,7 +497,8 @@ def variant_request(variant: Variant) -> dict:
     """The processor call's settings for `variant` (they travel with the batch to `generate`)."""
     request = {"vision_mode": variant.vision_mode}
     if variant.method is not None:
-        request.update(selection_method=variant.selector_method, shirg_budget=variant.budget)
+        request.update(selection_method=variant.selector_method,
+                       shirg_budget=ADAPTIVE_BUDGET if variant.adaptive else variant.budget)
     return request
 
 
@@ -604,9 +652,10 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
+    if variant.adaptive is not None:
+        processor.selection = {**processor.selection, "adaptive_budget": list(variant.adaptive)}
     selector = VariantSelector(make_selector(variant, config)) if variant.method is not None else None
     swap = selector_swapped(model, selector) if selector is not None else contextlib.nullcontext()
-    tokens = visual_tokens(variant, config)
     warmed_up = False
     with swap:
         for start in range(0, len(rows), batch_size):
@@ -616,6 +665,8 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
                 selector.priority = torch.from_numpy(masks)
 
             def answer():
+                if selector is not None:
+                    selector.kept_calls = []
                 inputs = processor(images=images, text=[build_prompt(row["question"]) for row in batch],
                                    return_tensors="pt", **variant_request(variant)).to(device)
                 with torch.inference_mode():
@@ -630,12 +681,14 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
             inputs, predictions, output = answer()
             passes, rates = output.num_forward_passes_per_row.tolist(), output.tokens_per_forward.tolist()
             seconds = (time.perf_counter() - began) / len(chunk)
-            kept = None if selector is None else selector.kept_indices.cpu().numpy()
+            kept = None if selector is None else selector.kept_rows()
+            budgets = inputs.get("shirg_budget") if variant.adaptive else None
+            budgets = [budgets] * len(chunk) if isinstance(budgets, int) else budgets or [None] * len(chunk)
             prefix = inputs["attention_mask"].sum(-1).tolist()
             records = []
             for index, (row_index, row, prediction) in enumerate(zip(chunk, batch, predictions)):
                 record = _record(variant, ids[row_index], row, masks[index], None if kept is None else kept[index],
-                                 tokens)
+                                 visual_tokens(variant, config, budgets[index]))
                 record.update(prediction=prediction.strip(), correct=exact_match(prediction, row["answers"]),
                               prefix_tokens=int(prefix[index]), seconds=seconds,
                               kv_cache_bytes=kv_cache_bytes(config, int(prefix[index]), model.dtype),
@@ -677,18 +730,28 @@ def _select_only(dataset, data_path, ids, variants, pending, config, tower_sourc
                 selected = [index for index, row in enumerate(chunk) if row in todo]
                 if not selected:
                     continue
-                kept = None
+                kept, budgets = None, [variant.budget] * len(selected)
+                if variant.adaptive is not None:
+                    budgets = [image_budget(variant, pixels[index].cpu().numpy(), config) for index in selected]
                 if variant.name in selectors:
                     priority = torch.from_numpy(masks[selected]) if variant.method == ORACLE else None
                     selector = selectors[variant.name]
                     attention = attentions[selector.attention_layer][selected] if selector.needs_attention() \
                         else None
-                    output = selector(features[selected], grid_size=config.highres_grid, budget=variant.budget,
-                                      attentions=attention, priority=priority)
-                    kept = output.kept_indices.cpu().numpy()
+                    # one call per distinct K (each image's selection does not depend on the others)
+                    kept = [None] * len(selected)
+                    for k in sorted(set(budgets)):
+                        same_k = [position for position, budget in enumerate(budgets) if budget == k]
+                        output = selector(features[[selected[p] for p in same_k]], grid_size=config.highres_grid,
+                                          budget=k, attentions=None if attention is None else attention[same_k],
+                                          priority=None if priority is None else priority[same_k])
+                        for position, indices in zip(same_k, output.kept_indices.cpu().numpy()):
+                            kept[position] = indices
                 for position, index in enumerate(selected):
                     records.append(_record(variant, ids[chunk[index]], batch[index], masks[index],
-                                           None if kept is None else kept[position], visual_tokens(variant, config)))
+                                           None if kept is None else kept[position],
+                                           visual_tokens(variant, config, budgets[position] if variant.adaptive
+                                                         else None)))
             _append(stream, records)
             bar.update(len(chunk))
 

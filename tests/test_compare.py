@@ -135,6 +135,41 @@ def test_recall_only_matches_the_model_run(finished_run, model_dir, data_dir, tm
     assert recall == {r["id"]: r["recall"] for r in read_records(finished_run)}
 
 
+def test_adaptive_variant_uses_the_processors_k_per_image(model_dir, data_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    from shirg_hf.processing.processing_shirg_lavida import build_prompt
+
+    out, recall_out = tmp_path / "answers", tmp_path / "recall"
+    assert run_compare(model_dir, data_dir, out, "--batch-size", "4", variants="shirg:64-400,shirg:400") == 0
+    assert cli.main(["compare", "--recall-only", "--tower", str(model_dir), "--data", str(data_dir), "--out",
+                     str(recall_out), "--variants", "shirg:64-400", "--limit", str(NUM_QUESTIONS)]) == 0
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.selection = {**processor.selection, "adaptive_budget": [64, 400]}
+    rows = datasets.load_from_disk(str(data_dir)).select(range(NUM_QUESTIONS))
+    expected = [processor(images=[row["image"]], text=[build_prompt(row["question"])],
+                          shirg_budget="adaptive")["shirg_budget"] for row in rows]  # K of each image alone
+    records = [r for r in read_records(out) if r["variant"] == "shirg:64-400"]
+    assert [r["visual_tokens"] for r in records] == [k + 1 for k in expected]  # K + the summary token
+    assert len(set(expected)) > 1  # the sample holds images of different K
+    fixed = {r["question_id"]: r["recall"] for r in read_records(out) if r["variant"] == "shirg:400"}
+    for record in records:  # at K = K_max the adaptive variant keeps what the fixed one keeps
+        if record["visual_tokens"] == 401:
+            assert record["recall"] == fixed[record["question_id"]]
+    recall = {r["question_id"]: (r["recall"], r["visual_tokens"]) for r in read_records(recall_out)}
+    assert recall == {r["question_id"]: (r["recall"], r["visual_tokens"]) for r in records}
+    summary = json.loads((out / "results.json").read_text())["variants"][0]
+    assert summary["adaptive_budget"] == [64, 400] and summary["visual_tokens"] == pytest.approx(
+        sum(expected) / len(expected) + 1)
+
+
+@pytest.mark.parametrize("variants, message", [("oracle:64-80", "adaptive K needs"), ("shirg:80-64", "KMIN <= KMAX"),
+                                               ("shirg:64-", "KMIN-KMAX"), ("shirg:64-9999", "does not fit")])
+def test_bad_adaptive_variants_are_refused(model_dir, data_dir, tmp_path, capsys, variants, message):
+    assert run_compare(model_dir, data_dir, tmp_path / "run", variants=variants) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_recall_only_with_a_preset_tower_and_the_oracle(data_dir, tmp_path):
     out = tmp_path / "recall"
     assert cli.main(["compare", "--recall-only", "--tower", "tiny", "--data", str(data_dir), "--out", str(out),
@@ -190,6 +225,25 @@ def test_evidence_mask_and_wilson_interval():
     assert compare.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert compare.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert compare.exact_match("  Red ", ["red"]) and not compare.exact_match("red tag", ["red"])
+
+
+def test_paired_difference_matches_the_paired_proportion_interval():
+    def run(correct, recall=None):
+        return [{"question_id": f"q{i}", "correct": i in correct, "recall": None if recall is None else recall[i]}
+                for i in range(10)]
+
+    both = compare.paired_difference(run(range(6)), run(range(5, 7)))  # five wins, one loss, n 10
+    assert both["n"] == 10 and both["difference"] == pytest.approx(0.4)
+    # discordant pairs b = 5, c = 1: var = (b + c - n d^2) / (n (n - 1)); half = z sqrt(var)
+    half = compare.WILSON_Z * ((5 + 1 - 10 * 0.4 ** 2) / (10 * 9)) ** 0.5
+    assert both["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+    tie = compare.paired_difference(run(range(6)), run(range(6)))
+    assert tie == {"difference": 0.0, "ci95": [0.0, 0.0], "n": 10}
+    recall = [None, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    skipped = compare.paired_difference(run((), recall), run((), [0.5] * 10), key="recall")
+    assert skipped["n"] == 9 and skipped["difference"] == pytest.approx((0.0 + 8 * 0.5) / 9)
+    with pytest.raises(ValueError, match="same questions"):
+        compare.paired_difference(run(range(6))[:9], run(range(6)))
 
 
 @pytest.mark.parametrize("arguments, message", [
