@@ -38,6 +38,30 @@ def cell(value) -> str:
     return f"{100 * p:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+TYPES = ("detail", "reverse", "global", "spatial")
+ABLATION_HEADER = ("| variant | adapter | visual tokens | evidence recall % | all % | "
+                   + " | ".join(f"{t} %" for t in TYPES) + " |")
+ABLATION_RULE = "|---|---|---|---|---|" + "---|" * len(TYPES)
+
+
+def ablation_row(label: str, adapter: str, summary: dict | None, rs: list[dict]) -> str:
+    recall = summary.get("evidence_recall") if summary else None
+    tokens = summary["visual_tokens"] if summary else 0
+    cells = [cell(acc(rs, lambda r, t=t: r["question_type"] == t)) for t in TYPES]
+    return (f"| {label} | {adapter} | {tokens:.0f} | {'-' if recall is None else f'{100 * recall:.1f}'} | "
+            f"{cell(acc(rs))} | " + " | ".join(cells) + " |")
+
+
+def control_rows(entries: list[str]) -> list[str]:
+    """Ablation rows of other stage-2 runs, `ADAPTER=FOLDER` each."""
+    rows = []
+    for entry in entries:
+        adapter, _, folder = entry.rpartition("=")
+        summaries, records = load(Path(folder))
+        rows += [ablation_row(f"`{name}`", adapter, summaries[name], records[name]) for name in summaries]
+    return rows
+
+
 FINE = lambda r: r["question_type"] in ("detail", "reverse")  # noqa: E731
 DETAIL = lambda r: r["question_type"] == "detail"  # noqa: E731
 DETAIL2 = lambda r: r["question_type"] == "detail" and int(r["answer_glyphs"]) == 2  # noqa: E731
@@ -61,9 +85,13 @@ def main() -> None:
                         help="compare folders of one variant under other decoding settings (issue 16's curve)")
     args = parser.parse_args()
     if not args.lora:
-        if not args.selectors:
-            parser.error("pass --lora FOLDER ... (the main tables) and/or --selectors K=FOLDER ...")
-        print(selector_table(args.selectors))
+        if not args.selectors and not args.controls:
+            parser.error("pass --lora FOLDER ... (the main tables), or --controls / --selectors alone")
+        if args.controls:
+            print("\n".join(["### Stage-2 controls (test split)", "", ABLATION_HEADER, ABLATION_RULE,
+                             *control_rows(args.controls)]))
+        if args.selectors:
+            print(selector_table(args.selectors))
         return
     summaries, records = {}, {}
     for folder in args.lora:
@@ -90,27 +118,14 @@ def main() -> None:
                    f"{kv:.1f} | {s['seconds_per_answer'] / base:.2f}x | {cell(acc(r))} | {cell(acc(r, FINE))} | "
                    f"{cell(acc(r, DETAIL))} | {training} |")
 
-    types = ("detail", "reverse", "global", "spatial")
+    types = TYPES
     out += ["", "### Ablations (test split; K = 84 unless named; LoRA = the shipped shared adapter)", "",
-            "| variant | adapter | visual tokens | evidence recall % | all % | "
-            + " | ".join(f"{t} %" for t in types) + " |", "|---|---|---|---|---|" + "---|" * len(types)]
-
-    def ablation(label, adapter, summary, rs):
-        recall = summary.get("evidence_recall") if summary else None
-        tokens = summary["visual_tokens"] if summary else 0
-        cells = [cell(acc(rs, lambda r, t=t: r["question_type"] == t)) for t in types]
-        out.append(f"| {label} | {adapter} | {tokens:.0f} | {'-' if recall is None else f'{100 * recall:.1f}'} | "
-                   f"{cell(acc(rs))} | " + " | ".join(cells) + " |")
-
+            ABLATION_HEADER, ABLATION_RULE]
     for name in summaries:
-        ablation(f"`{name}`", "LoRA", summaries[name], records[name])
+        out.append(ablation_row(f"`{name}`", "LoRA", summaries[name], records[name]))
     for name in zero_summaries:
-        ablation(f"`{name}`", "none (zero-shot)", zero_summaries[name], zero_records[name])
-    for entry in args.controls:
-        adapter, _, folder = entry.partition("=")
-        control_summaries, control_records = load(Path(folder))
-        for name in control_summaries:
-            ablation(f"`{name}`", adapter, control_summaries[name], control_records[name])
+        out.append(ablation_row(f"`{name}`", "none (zero-shot)", zero_summaries[name], zero_records[name]))
+    out += control_rows(args.controls)
     if args.blind:
         blind = json.loads(args.blind.read_text())
         cells = []
@@ -248,7 +263,7 @@ def decoding_table(entries: list[str], records: dict, summaries: dict, variant: 
     row is the variant as run in the main table (the model's default schedule)."""
     rows = [("default schedule (model's generation config)", summaries[variant], records[variant])]
     for entry in entries:
-        label, _, folder = entry.partition("=")
+        label, _, folder = entry.rpartition("=")
         folder_summaries, folder_records = load(Path(folder))
         rows.append((label, folder_summaries[variant], folder_records[variant]))
     base = rows[0][1]["forward_passes_per_answer"]

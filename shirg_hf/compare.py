@@ -3,7 +3,9 @@
 A variant is a vision mode (`lowres`: the tower's native view; `full`: every high-res patch) or `METHOD:K`, a
 selection method of `ShirgSelector` (`shirg`, `random`, `pooled`, `gradient`, ...) at budget K, or `oracle:K`:
 the patches that hold the answer (from the data's `evidence_boxes`) first, then the rest by the SHIRG score
-without coverage cells. Every variant answers through the normal processor + `generate()` path. The data is a
+without coverage cells; `METHOD:KMIN-KMAX` runs the method with adaptive K (the processor picks each image's K in
+[KMIN, KMAX] from its pixels; visual tokens are then per question). Every variant answers through the normal
+processor + `generate()` path. The data is a
 `shirg-hf synth` set (the `eval` schema plus `question_type`, `answer_glyphs` and `evidence_boxes`).
 
 Per variant, `results.json` / `results.md` give: visual tokens, prefix tokens, prefix KV-cache bytes (means per
@@ -765,7 +767,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", required=True, metavar="DIR", help="a `shirg-hf synth` folder")
     parser.add_argument("--variants", required=True,
-                        help="comma-separated: lowres, full, METHOD:K (shirg, random, pooled, gradient, ...), oracle:K")
+                        help="comma-separated: lowres, full, METHOD:K (shirg, random, pooled, gradient, ...), oracle:K, "
+                             "METHOD:KMIN-KMAX (adaptive K per image)")
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder (resumed if it holds this run)")
     parser.add_argument("--model", metavar="DIR", help="save_pretrained folder with the processor")
     parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder, merged into --model")
