@@ -49,8 +49,8 @@ from .evaluation import (
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .fileio import atomic_file, exclusive_lock, write_json_atomically
 from .modeling.visual_tokens import (
-    ADAPTIVE_BUDGET, ADAPTIVE_EDGE_THRESHOLD, DEFAULT_VISION_MODE, adaptive_budget, get_selection_method,
-    get_vision_mode, num_image_tokens, selection_method_names, vision_mode_names,
+    ADAPTIVE_BUDGET, ADAPTIVE_EDGE_THRESHOLD, DEFAULT_VISION_MODE, adaptive_budget, check_selection,
+    get_selection_method, get_vision_mode, num_image_tokens, selection_method_names, vision_mode_names,
 )
 from .processing.image_processing_shirg import busy_patch_count, load_image
 
@@ -482,12 +482,11 @@ def load_tower(source: str, config):
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None, config, dtype: str, device: str):
-    """The model (with the LoRA adapter merged in, when given), in eval mode."""
-    import torch
-
+    """The model (with the LoRA adapter merged in, when given), in eval mode; `config` is the folder's, with any
+    `--selection` settings."""
     from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 
-    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    model = ShirgLavidaForDiffusionLM.from_pretrained(model_dir, config=config, dtype=resolve_dtype(dtype))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -545,8 +544,12 @@ def run_compare(
     block_length: int | None = None, step_ratio: float | None = None, dtype: str = "auto",
     device: str | None = None, overwrite: bool = False, progress: bool = True, decoding: str | None = None,
     threshold: float | None = None, factor: float | None = None, max_steps: int | None = None,
+    selection: dict | None = None,
 ) -> dict:
-    """Answer (or, with `recall_only`, select for) every question under every variant; write and return results."""
+    """Answer (or, with `recall_only`, select for) every question under every variant; write and return results.
+
+    `selection`: settings that replace the model's `selection` ones for every variant (e.g. {"summary_weights":
+    "attention"}); the model folder is not changed."""
     import torch
     from tqdm.auto import tqdm
 
@@ -580,6 +583,11 @@ def run_compare(
         adapter_files = sorted(path for path in adapter_dir.iterdir()
                                if path.is_file() and path.suffix in (".json", ".safetensors"))
         source.update(adapter=str(adapter_dir), adapter_fingerprint=sha256_of_files(adapter_files))
+    if selection:
+        for key in ("method", "budget"):
+            if key in selection:
+                raise ValueError(f"--selection {key}=...: the variants name the method and K; pass them there")
+        config.selection = check_selection({**config.selection, **selection}, config.highres_grid)
     parsed = parse_variants(variants, config)
     generation_config = None
     if not recall_only:
@@ -596,7 +604,7 @@ def run_compare(
     run_config = json.loads(json.dumps({
         "command": "compare", "recall_only": recall_only, **source, "data": str(data_path), "split": split,
         "data_fingerprint": data_fingerprint, "variants": [v.name for v in parsed], "dtype": dtype,
-        "generation": generation,
+        "generation": generation, "selection_overrides": selection or None,
     }))
     wanted = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     with exclusive_lock(out_dir):
@@ -654,6 +662,8 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
+    processor.selection = {**config.selection, "method": processor.selection["method"],
+                           "budget": processor.selection["budget"]}  # with any --selection settings
     if variant.adaptive is not None:
         processor.selection = {**processor.selection, "adaptive_budget": list(variant.adaptive)}
     selector = VariantSelector(make_selector(variant, config)) if variant.method is not None else None
@@ -783,8 +793,26 @@ def register(subparsers) -> None:
     parser.add_argument("--step-ratio", type=float, help="denoising steps per block / block length")
     add_decoding_arguments(parser)
     add_device_arguments(parser)
+    parser.add_argument("--selection", nargs="+", metavar="KEY=VALUE", default=[],
+                        help="selection settings for every variant instead of the model's, VALUE as JSON "
+                             "(summary_weights=attention, importance=attention_normalised, "
+                             "coverage_cells=[2,2], weights=[0.1,0,0.9], ...)")
     parser.add_argument("--overwrite", action="store_true", help="discard the results in --out and start over")
     parser.set_defaults(func=run)
+
+
+def parse_selection_overrides(entries: list[str]) -> dict:
+    """["KEY=VALUE", ...] -> {KEY: VALUE}, VALUE read as JSON (a bare word is a string)."""
+    overrides = {}
+    for entry in entries:
+        key, equals, text = entry.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--selection {entry!r}: expected KEY=VALUE, e.g. summary_weights=attention")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -794,6 +822,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, block_length=args.block_length, step_ratio=args.step_ratio,
         dtype=args.dtype, device=args.device, overwrite=args.overwrite, decoding=args.decoding,
         threshold=args.threshold, factor=args.factor, max_steps=args.max_steps,
+        selection=parse_selection_overrides(args.selection),
     )
     print(markdown_report(results).split("\n\n")[1] if results["variants"] else "no variants")
     print(f"results in {Path(args.out).resolve()} ({'complete' if results['complete'] else 'partial'})")

@@ -163,6 +163,31 @@ def test_adaptive_variant_uses_the_processors_k_per_image(model_dir, data_dir, t
         sum(expected) / len(expected) + 1)
 
 
+def test_selection_overrides_reach_the_processor_and_the_selector(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "overridden"
+    assert run_compare(model_dir, data_dir, out, "--batch-size", "4", "--selection", "summary=false",
+                       "importance=attention_normalised", variants="shirg:64") == 0
+    records = read_records(out)
+    assert {r["visual_tokens"] for r in records} == {64}  # no summary token, in the prompt and from the selector
+    config = ShirgLavidaForDiffusionLM.config_class.from_pretrained(model_dir)
+    selector = ShirgSelector(**{**config.selection, "summary": False, "importance": "attention_normalised",
+                                "budget": 64})
+    recall_out = tmp_path / "recall"
+    assert cli.main(["compare", "--recall-only", "--tower", str(model_dir), "--data", str(data_dir), "--out",
+                     str(recall_out), "--variants", "shirg:64", "--limit", str(NUM_QUESTIONS), "--selection",
+                     "summary=false", "importance=attention_normalised"]) == 0
+    assert [r["recall"] for r in read_records(recall_out)] == [r["recall"] for r in records]
+    assert selector.needs_attention()
+    run_config = json.loads((out / "results.json").read_text())["run_config"]
+    assert run_config["selection_overrides"] == {"summary": False, "importance": "attention_normalised"}
+    assert run_compare(model_dir, data_dir, tmp_path / "bad", "--selection", "budget=80", variants="shirg:64") == 2
+    assert "the variants name the method and K" in capsys.readouterr().err
+    assert run_compare(model_dir, data_dir, tmp_path / "bad", "--selection", "weights", variants="shirg:64") == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert run_compare(model_dir, data_dir, tmp_path / "bad", "--selection", "bogus=1", variants="shirg:64") == 2
+    assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variants, message", [("oracle:64-80", "adaptive K needs"), ("shirg:80-64", "KMIN <= KMAX"),
                                                ("shirg:64-", "KMIN-KMAX"), ("shirg:64-9999", "does not fit")])
 def test_bad_adaptive_variants_are_refused(model_dir, data_dir, tmp_path, capsys, variants, message):
