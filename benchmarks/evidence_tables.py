@@ -249,12 +249,15 @@ def selector_table(entries: list[str], default: str = "shirg") -> str:
             if name in ("random", "pooled") and overall["ci95"][0] <= 0:
                 not_above.append(name)
         accuracy_met = not short_all and not not_above
-        verdicts.append(f"- K = {budget}: accuracy **{'met' if accuracy_met else 'not met'}** (significantly better "
-                        f"than the default on all questions: {', '.join(short_all) or 'none'}; not significantly "
-                        f"below it, of random / pooled: {', '.join(not_above) or 'none'}; on detail questions "
-                        f"significantly better: {', '.join(short_detail) or 'none'}); recall **"
-                        + ("met" if not short_recall else "not met") + "** (higher mean recall than the default: "
-                        + (", ".join(short_recall) or "none") + ")")
+        better = f"significantly better on all questions: {', '.join(short_all)}" if short_all else \
+            "no baseline significantly better on all questions"
+        below = f"not significantly below it: {', '.join(not_above)}" if not_above else \
+            "random and pooled significantly below it"
+        detail_note = f"on detail questions significantly better: {', '.join(short_detail)}" if short_detail else \
+            "no baseline significantly better on detail questions"
+        recall_note = f"higher mean recall: {', '.join(short_recall)}" if short_recall else "the highest mean recall"
+        verdicts.append(f"- K = {budget}: accuracy **{'met' if accuracy_met else 'not met'}** ({better}; {below}; "
+                        f"{detail_note}); recall **{'not met' if short_recall else 'met'}** ({recall_note})")
     return "\n".join(lines + ["", *verdicts])
 
 
