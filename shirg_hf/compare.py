@@ -604,8 +604,8 @@ def run_compare(
     run_config = json.loads(json.dumps({
         "command": "compare", "recall_only": recall_only, **source, "data": str(data_path), "split": split,
         "data_fingerprint": data_fingerprint, "variants": [v.name for v in parsed], "dtype": dtype,
-        "generation": generation, "selection_overrides": selection or None,
-    }))
+        "generation": generation, **({"selection_overrides": selection} if selection else {}),
+    }))  # runs without --selection keep the key out, so that their earlier folders still resume
     wanted = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     with exclusive_lock(out_dir):
         prepare_output(out_dir, run_config, overwrite)
