@@ -152,9 +152,11 @@ class ShirgLavidaProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or LLADA_CHAT_TEMPLATE)
 
     @classmethod
-    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
         """Refuse a processor_config.json of an earlier version (flat copies of the config such as
-        `num_highres_patches`): its settings would otherwise be dropped and LaViDa's geometry used instead."""
+        `num_highres_patches`): its settings would otherwise be dropped and LaViDa's geometry used instead.
+        (`from_pretrained` reads the saved settings through this method in every supported transformers.)"""
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
         legacy = sorted(set(processor_dict) & set(LEGACY_SETTINGS))
         if legacy:
             raise ValueError(
@@ -162,7 +164,7 @@ class ShirgLavidaProcessor(ProcessorMixin):
                 "processor from the model config: ShirgLavidaProcessor.from_model_config(AutoConfig.from_pretrained("
                 "folder), AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)"
             )
-        return super().from_args_and_dict(args, processor_dict, **kwargs)
+        return processor_dict, kwargs
 
     # ---- construction from a model config -------------------------------------------------------------------
     @classmethod
