@@ -668,6 +668,7 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
         processor.selection = {**processor.selection, "adaptive_budget": list(variant.adaptive)}
     selector = VariantSelector(make_selector(variant, config)) if variant.method is not None else None
     swap = selector_swapped(model, selector) if selector is not None else contextlib.nullcontext()
+    tokens_per_k = {}  # visual tokens per image K (one K unless adaptive)
     warmed_up = False
     with swap:
         for start in range(0, len(rows), batch_size):
@@ -697,10 +698,12 @@ def _answer_variant(model, model_dir, config, generation_config, variant, datase
             budgets = inputs.get("shirg_budget") if variant.adaptive else None
             budgets = [budgets] * len(chunk) if isinstance(budgets, int) else budgets or [None] * len(chunk)
             prefix = inputs["attention_mask"].sum(-1).tolist()
+            for k in set(budgets) - set(tokens_per_k):
+                tokens_per_k[k] = visual_tokens(variant, config, k)
             records = []
             for index, (row_index, row, prediction) in enumerate(zip(chunk, batch, predictions)):
                 record = _record(variant, ids[row_index], row, masks[index], None if kept is None else kept[index],
-                                 visual_tokens(variant, config, budgets[index]))
+                                 tokens_per_k[budgets[index]])
                 record.update(prediction=prediction.strip(), correct=exact_match(prediction, row["answers"]),
                               prefix_tokens=int(prefix[index]), seconds=seconds,
                               kv_cache_bytes=kv_cache_bytes(config, int(prefix[index]), model.dtype),
