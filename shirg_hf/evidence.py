@@ -39,6 +39,8 @@ from .training import _seeded_generator, complementary_noising, projector_lora_c
 EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
 EVIDENCE_LM_HEADS = 4
+EVIDENCE_LM_LAYERS = 3
+NO_SECOND_GLYPH = len(ANSWER_ALPHABET)  # the second-glyph head's class for a patch holding one glyph
 STAGE2_TRAINS = ("lora", "lm_lora", "projector")  # projector LoRA | + LoRA on the LM's linears | whole projector
 LM_LORA_TARGETS = r"(.*\.)?language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 EVIDENCE_MAX_POSITION_JITTER = 256  # keeps every stage-1 row far inside the LM's 1,024 positions
@@ -121,16 +123,18 @@ def _split_specials(text: str) -> list[str]:
 
 
 # ---- config ------------------------------------------------------------------------------------------------
-def evidence_config(tokenizer=None, vision_mode: str = SELECTING) -> ShirgLavidaConfig:
+def evidence_config(tokenizer=None, vision_mode: str = SELECTING, lm_layers: int = EVIDENCE_LM_LAYERS
+                    ) -> ShirgLavidaConfig:
     """The evidence model: SigLIP d128 x 4 layers at 72 px (9x9 patches of 8 px; 128 px = 16x16 high-res),
-    projector 128 -> 128 -> 128, LLaDA d128 x 3 layers (SwiGLU 352), K = 84 of 256 with 4x4 coverage cells."""
+    projector 128 -> 128 -> 128, LLaDA d128 x `lm_layers` layers (SwiGLU 352), K = 84 of 256 with 4x4 coverage
+    cells."""
     tokenizer = tokenizer or build_evidence_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"), ("mask", "<|mdm_mask|>"), ("eot", "<|eot_id|>"),
         ("image", "<image>"))}
     vocab_size = -(-len(tokenizer) // 8) * 8
     text = LladaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=lm_layers,
         num_attention_heads=EVIDENCE_LM_HEADS, num_key_value_heads=EVIDENCE_LM_HEADS, max_position_embeddings=1024,
         rope_theta=10000.0, mask_token_id=ids["mask"],
         eos_token_id=ids["eos"], pad_token_id=ids["eos"], bos_token_id=ids["bos"], eot_token_id=ids["eot"],
@@ -174,6 +178,7 @@ class Example:
     answer_patches: list = field(default_factory=list)  # native-grid patch of each answer glyph, in answer order
     glyph_centres: list = field(default_factory=list)  # [(x, y, class)] canvas centre of every alphabet glyph drawn
     answer_centres: list = field(default_factory=list)  # [(x, y)] canvas centre of each answer glyph, in answer order
+    glyph_slots: list = field(default_factory=list)  # [(native patch, first class, second class or NO_SECOND_GLYPH)]
 
 
 def row_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
@@ -196,7 +201,8 @@ def make_example(split: str, seed: int, index: int, glyph_scale: float) -> Examp
     native = native_grid()
     return Example(sample.image, sample.row["question"], answer, glyph_patches_on_grid(centres, native),
                    native_patches_of_boxes(sample.row["evidence_boxes"]),
-                   [patch_on_grid(x, y, native) for x, y in answer_centres], centres, answer_centres)
+                   [patch_on_grid(x, y, native) for x, y in answer_centres], centres, answer_centres,
+                   glyph_slots_on_grid(centres, native))
 
 
 def native_grid() -> int:
@@ -223,6 +229,21 @@ def glyph_patches_on_grid(centres: list, grid: int) -> list:
         patch = patch_on_grid(x, y, grid)
         labels[patch] = None if patch in labels else label
     return [(patch, label) for patch, label in sorted(labels.items()) if label is not None]
+
+
+def glyph_slots_on_grid(centres: list, grid: int) -> list:
+    """[(patch, first class, second class)] of every patch of a `grid` view holding one or two glyph centres
+    [(x, y, class)], in patch order: the glyphs in reading order (left to right, then top to bottom), the second
+    `NO_SECOND_GLYPH` when the patch holds one. A patch holding three or more is left out."""
+    held = {}
+    for x, y, label in centres:
+        held.setdefault(patch_on_grid(x, y, grid), []).append((x, y, label))
+    slots = []
+    for patch, glyphs in sorted(held.items()):
+        labels = [label for _, _, label in sorted(glyphs)] + [NO_SECOND_GLYPH]
+        if len(glyphs) <= 2:
+            slots.append((patch, labels[0], labels[1]))
+    return slots
 
 
 def native_patches_of_boxes(boxes, min_overlap_px: float = EVIDENCE_MIN_OVERLAP_PX) -> list[int]:
@@ -377,6 +398,8 @@ class EvidenceSettings:
     stage1_readout_weight: float = 1.0
     stage1_attention_weight: float = 1.0
     stage1_attention_heads: int = 1
+    stage1_pair_weight: float = 0.0
+    lm_layers: int = EVIDENCE_LM_LAYERS
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
     stage1_position_jitter: int = 0
@@ -414,6 +437,29 @@ class GlyphHead(nn.Module):
             return None
         rows, patches, classes = labelled
         return nn.functional.cross_entropy(self.linear(features[rows, patches]), classes)
+
+
+class SecondGlyphHead(nn.Module):
+    """Auxiliary classifier of the second glyph a native patch holds (or none), trained with the glyph head's
+    first-glyph class on patches holding two: the tower learns to carry both glyphs of a shared patch in order
+    (training only; never saved with the model)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, NO_SECOND_GLYPH + 1)
+
+    def loss(self, first: GlyphHead, features: torch.Tensor, examples: list[Example]) -> torch.Tensor | None:
+        slots = [(row, patch, one, two) for row, example in enumerate(examples)
+                 for patch, one, two in example.glyph_slots]
+        if not slots:
+            return None
+        rows, patches, firsts, seconds = (torch.tensor(column) for column in zip(*slots))
+        tokens = features[rows, patches]  # [n, D]
+        loss = nn.functional.cross_entropy(self.linear(tokens), seconds)
+        shared = seconds != NO_SECOND_GLYPH
+        if shared.any():
+            loss = loss + nn.functional.cross_entropy(first.linear(tokens[shared]), firsts[shared])
+        return loss
 
 
 def glyph_labels(examples: list[Example]):
@@ -555,7 +601,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     if (final / "config.json").is_file():
         return final
     tokenizer = tokenizer or build_evidence_tokenizer()
-    config = evidence_config(tokenizer, vision_mode=NATIVE_VIEW)
+    config = evidence_config(tokenizer, vision_mode=NATIVE_VIEW, lm_layers=settings.lm_layers)
     processor = evidence_processor(config, tokenizer)
     builder = PromptBuilder(processor)
     torch.manual_seed(settings.seed)
@@ -565,13 +611,16 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     glyph_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(ANSWER_ALPHABET)))
     attention = LastLayerAttention(model, settings.stage1_attention_heads)
     validation = validation_examples(settings)
-    parameters = list(model.parameters()) + list(head.parameters())
+    second = SecondGlyphHead(config.vision_config.hidden_size) if settings.stage1_pair_weight else None
+    parameters = list(model.parameters()) + list(head.parameters()) + (list(second.parameters()) if second else [])
     optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
     checkpoint, start = out / "stage1_checkpoint.pt", 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
+        if second is not None:
+            second.load_state_dict(state["second_head"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     image_processor = processor.image_processor
@@ -603,6 +652,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         terms = {
             "loss": (1.0, outputs.loss),
             "aux": (settings.stage1_aux_weight, head.loss(features, examples)),
+            "pair": (settings.stage1_pair_weight, second.loss(head, features, examples) if second else None),
             "readout": (settings.stage1_readout_weight, glyph_readout_loss(
                 outputs.logits, batch, lm_examples, glyph_token_ids, config.image_token_id)),
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
@@ -625,7 +675,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             running = []
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.stage1_steps:
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": step + 1}, checkpoint)
+                        "second_head": second.state_dict() if second else None, "step": step + 1}, checkpoint)
     attention.remove()
     model.eval()
     model.config.vision_mode = SELECTING
@@ -861,6 +911,11 @@ def register(subparsers) -> None:
                              "(every glyph and evidence patch, then the mean of the rest: SHIRG's layout; 0 = off)")
     parser.add_argument("--stage1-subset-min", type=float, default=defaults.stage1_subset_min,
                         help="smallest fraction of the native tokens such a subset keeps (default 0.4)")
+    parser.add_argument("--stage1-pair-weight", type=float, default=defaults.stage1_pair_weight,
+                        help="weight of the tower's auxiliary second-glyph classifier: a patch holding two glyphs "
+                             "learns both, in order (0 = off)")
+    parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers,
+                        help=f"layers of the from-scratch LM (default {EVIDENCE_LM_LAYERS})")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
@@ -915,6 +970,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
+        stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
@@ -926,7 +982,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= settings.stage1_attention_heads <= EVIDENCE_LM_HEADS:
         raise ValueError(f"--stage1-attention-heads must be in [1, {EVIDENCE_LM_HEADS}] (the LM's heads), got "
                          f"{settings.stage1_attention_heads}")
-    for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank"):
+    for name in ("stage1_steps", "stage1_batch", "stage2_images", "stage2_steps", "stage2_batch", "lora_rank",
+                 "lm_layers"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= settings.stage1_position_jitter <= EVIDENCE_MAX_POSITION_JITTER:
@@ -938,8 +995,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= settings.stage1_copy_start < settings.stage1_steps:
         raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
                          f"{settings.stage1_copy_start}")
-    for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight", "stage2_readout_weight",
-                 "stage2_attention_weight"):
+    for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight", "stage1_pair_weight",
+                 "stage2_readout_weight", "stage2_attention_weight"):
         if not math.isfinite(getattr(settings, name)) or getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0 turns the term off), got "
                              f"{getattr(settings, name)}")

@@ -146,6 +146,28 @@ def test_glyph_positions_on_a_grid_and_ambiguous_patches_left_out():
     assert evidence.glyph_patches_on_grid(centres, 16) == [(7, 2)]
 
 
+def test_glyph_slots_hold_a_shared_patchs_glyphs_in_reading_order():
+    none = evidence.NO_SECOND_GLYPH
+    centres = [(5.0, 4.0, 8), (3.0, 4.0, 7), (60.0, 4.0, 2), (20.0, 2.0, 1), (21.0, 3.0, 4), (22.0, 4.0, 5)]
+    assert evidence.glyph_slots_on_grid(centres, 16) == [(0, 7, 8), (7, 2, none)]  # patch 2 holds three: left out
+    example = evidence.make_example("train", 1, 0, 1.6)
+    singles = {(patch, label) for patch, label, second in example.glyph_slots if second == none}
+    assert singles == set(example.glyph_patches)
+
+
+def test_second_glyph_head_learns_both_glyphs_of_a_shared_patch():
+    torch.manual_seed(0)
+    examples = [evidence.make_example("train", 1, index, 1.6) for index in range(6)]
+    assert any(second != evidence.NO_SECOND_GLYPH for e in examples for _, _, second in e.glyph_slots)
+    features = torch.randn(6, evidence.native_grid() ** 2, 16, requires_grad=True)
+    first, second = evidence.GlyphHead(16), evidence.SecondGlyphHead(16)
+    loss = second.loss(first, features, examples)
+    loss.backward()
+    assert torch.isfinite(loss) and first.linear.weight.grad.abs().sum() > 0
+    nothing = [replace(e, glyph_slots=[]) for e in examples]
+    assert second.loss(first, features, nothing) is None
+
+
 def test_examples_in_view_move_the_labels_to_visual_token_positions():
     example = evidence.make_example("train", 1, 2, 1.0)
     assert len(example.answer_centres) == 3 and example.glyph_centres  # row 2 of seed 1: a 3-glyph form value
@@ -276,7 +298,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
                                          stage2_attention_weight=1.0, stage1_position_jitter=8,
-                                         stage1_subset_batches=0.5)
+                                         stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -284,10 +306,12 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     assert [r["step"] for r in log if "step" in r] == [2, 5]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
-    assert all(math.isfinite(stage1_record[name]) for name in ("aux", "readout", "attention", "copy", "val_loss"))
+    assert all(math.isfinite(stage1_record[name])
+               for name in ("aux", "pair", "readout", "attention", "copy", "val_loss"))
     stage2_record = next(r for r in log if r["stage"] == 2 and "step" in r)
     assert all(math.isfinite(stage2_record[name]) for name in ("loss", "readout", "attention"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
+    assert base.config.text_config.num_hidden_layers == 2
     merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
     assert changed and all(name.startswith("multi_modal_projector.") for name in changed)  # only the LoRA'd projector
@@ -431,6 +455,7 @@ def test_shipped_remote_code_is_the_package_code(folder):
                                           str(evidence.EVIDENCE_MAX_POSITION_JITTER + 1)),
                                          ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
                                          ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
+                                         ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
