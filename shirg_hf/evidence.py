@@ -209,6 +209,10 @@ def native_grid() -> int:
     return EVIDENCE_GEOMETRY.native_side // EVIDENCE_PATCH_SIZE
 
 
+def highres_grid() -> int:
+    return EVIDENCE_GEOMETRY.high_res_side // EVIDENCE_PATCH_SIZE
+
+
 def glyph_centre(glyph) -> tuple[float, float]:
     """(x, y) centre of a drawn glyph's box on the high-res canvas."""
     x0, y0, x1, y1 = glyph.box
@@ -329,6 +333,44 @@ def subset_count(settings: EvidenceSettings, step: int, num_patches: int) -> int
     return count if use_subset else None
 
 
+def uses_highres_layout(settings: EvidenceSettings, step: int) -> bool:
+    """Whether stage-1 batch `step` lays its native tokens out on the high-res grid (a
+    `stage1_highres_layout_batches` fraction of the batches)."""
+    generator = _seeded_generator(settings.seed, 8, step)
+    return float(torch.rand((), generator=generator)) < settings.stage1_highres_layout_batches
+
+
+def native_tokens_on_grid(grid: int) -> torch.Tensor:
+    """[grid * grid] the native patch under the centre of each cell of a `grid` x `grid` layout of the canvas
+    (raster order): the native view's tokens, repeated, in the high-res view's layout."""
+    native = native_grid()
+    index = ((torch.arange(grid) + 0.5) * native / grid).long().clamp(max=native - 1)  # [grid]
+    return (index[:, None] * native + index[None, :]).flatten()
+
+
+def examples_on_grid(examples: list[Example], native_of_cell: torch.Tensor, grid: int) -> list[Example]:
+    """`examples` with their native-patch labels moved to a layout whose cell c holds native token
+    `native_of_cell[c]` (`native_tokens_on_grid`): every copy of a labelled glyph or evidence patch is labelled,
+    and each answer glyph points at the copy nearest its centre."""
+    cells_of = {}
+    for cell, patch in enumerate(native_of_cell.tolist()):
+        cells_of.setdefault(patch, []).append(cell)
+    size = EVIDENCE_GEOMETRY.high_res_side / grid
+
+    def nearest(cells, x, y):
+        return min(cells, key=lambda c: ((c % grid + 0.5) * size - x) ** 2 + ((c // grid + 0.5) * size - y) ** 2)
+
+    moved = []
+    for example in examples:
+        answer_patches = [nearest(cells_of[patch], x, y)
+                          for patch, (x, y) in zip(example.answer_patches, example.answer_centres)]
+        moved.append(replace(
+            example, glyph_patches=[(cell, label) for patch, label in example.glyph_patches for cell in cells_of[patch]],
+            evidence_patches=sorted(cell for patch in example.evidence_patches for cell in cells_of[patch]),
+            answer_patches=answer_patches))
+    return moved
+
+
 def native_subset(features: torch.Tensor, examples: list[Example], count: int, generator: torch.Generator):
     """A SHIRG-shaped view of the native grid: per image, `count` patches (raster order) that include every
     labelled glyph, answer-glyph and evidence patch (so the question stays answerable) plus random others, then
@@ -405,6 +447,7 @@ class EvidenceSettings:
     stage1_position_jitter: int = 0
     stage1_subset_batches: float = 1.0
     stage1_subset_min: float = 0.4
+    stage1_highres_layout_batches: float = 0.0
     stage1_data_seed: int = 1
     stage1_glyph_scales: tuple = STAGE1_GLYPH_SCALES
     stage2_images: int = 3000
@@ -635,10 +678,13 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
                                  do_anyres=False, return_tensors="pt")["pixel_values"]
         features = model.vision_features(pixels)  # [B, N, D]
         visual, lm_examples = features, examples
-        count = subset_count(settings, step, features.shape[1])
+        if uses_highres_layout(settings, step):
+            layout = native_tokens_on_grid(highres_grid())
+            visual, lm_examples = features[:, layout], examples_on_grid(examples, layout, highres_grid())
+        count = subset_count(settings, step, visual.shape[1])
         if count is not None:
-            visual, kept = native_subset(features, examples, count, _seeded_generator(settings.seed, 7, step))
-            lm_examples = examples if kept is None else examples_in_subset(examples, kept)
+            visual, kept = native_subset(visual, lm_examples, count, _seeded_generator(settings.seed, 7, step))
+            lm_examples = lm_examples if kept is None else examples_in_subset(lm_examples, kept)
         batch = noised_batch(builder, [e.question for e in examples], [e.answer for e in examples],
                              visual.shape[1], config.text_config.mask_token_id,
                              _seeded_generator(settings.seed, 1, step))
@@ -916,6 +962,11 @@ def register(subparsers) -> None:
                              "learns both, in order (0 = off)")
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers,
                         help=f"layers of the from-scratch LM (default {EVIDENCE_LM_LAYERS})")
+    parser.add_argument("--stage1-highres-layout-batches", type=float,
+                        default=defaults.stage1_highres_layout_batches,
+                        help="fraction of stage-1 batches whose native tokens are laid out on the high-res grid "
+                             "(each of its 16 x 16 cells holds the native token under it), before any subset: the "
+                             "LM sees prefixes as long as the all-tokens view's (0 = off)")
     parser.add_argument("--stage1-attention-heads", type=int, default=defaults.stage1_attention_heads,
                         help="how many heads of the LM's last layer the attention supervision trains")
     parser.add_argument("--stage2-images", type=int, default=defaults.stage2_images,
@@ -973,6 +1024,7 @@ def run(args: argparse.Namespace) -> int:
         stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
+        stage1_highres_layout_batches=args.stage1_highres_layout_batches,
         stage2_images=args.stage2_images, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_lr=args.stage2_lr, stage2_readout_weight=args.stage2_readout_weight,
         stage2_attention_weight=args.stage2_attention_weight,
@@ -989,7 +1041,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= settings.stage1_position_jitter <= EVIDENCE_MAX_POSITION_JITTER:
         raise ValueError(f"--stage1-position-jitter must be in [0, {EVIDENCE_MAX_POSITION_JITTER}] positions, got "
                          f"{settings.stage1_position_jitter}")
-    for name in ("stage1_subset_batches", "stage1_subset_min"):
+    for name in ("stage1_subset_batches", "stage1_subset_min", "stage1_highres_layout_batches"):
         if not 0 <= getattr(settings, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(settings, name)}")
     if not 0 <= settings.stage1_copy_start < settings.stage1_steps:

@@ -282,6 +282,27 @@ def test_native_subset_keeps_every_needed_patch_in_raster_order_then_the_mean_of
                                   torch.Generator())[1] is None
 
 
+def test_native_tokens_on_the_highres_grid_repeat_the_native_patch_under_each_cell():
+    assert torch.equal(evidence.native_tokens_on_grid(evidence.native_grid()), torch.arange(81))
+    layout = evidence.native_tokens_on_grid(16)
+    assert layout.shape == (256,) and set(layout.tolist()) == set(range(81))
+    assert layout[0] == 0 and layout[255] == 80 and layout[16] == 0 and layout[17 * 2] == 9 + 1  # cell (2, 2)
+    example = evidence.make_example("train", 1, 2, 1.6)
+    moved = evidence.examples_on_grid([example], layout, 16)[0]
+    for patch, label in example.glyph_patches:
+        assert {(cell, label) for cell in range(256) if layout[cell] == patch} <= set(moved.glyph_patches)
+    assert sorted(moved.evidence_patches) == [c for c in range(256) if int(layout[c]) in example.evidence_patches]
+    for cell, patch, (x, y) in zip(moved.answer_patches, example.answer_patches, example.answer_centres):
+        assert layout[cell] == patch and abs((cell % 16 + 0.5) * 8 - x) <= 12 and abs((cell // 16 + 0.5) * 8 - y) <= 12
+
+
+def test_highres_layout_batches_are_the_asked_fraction_and_a_function_of_the_step():
+    settings = evidence.EvidenceSettings(stage1_highres_layout_batches=0.25)
+    drawn = [evidence.uses_highres_layout(settings, step) for step in range(400)]
+    assert 60 < sum(drawn) < 140 and drawn == [evidence.uses_highres_layout(settings, s) for s in range(400)]
+    assert not any(evidence.uses_highres_layout(evidence.EvidenceSettings(), step) for step in range(50))
+
+
 def test_subset_count_draws_the_asked_fraction_of_batches_within_range():
     settings = evidence.EvidenceSettings(stage1_subset_batches=0.5, stage1_subset_min=0.4)
     counts = [evidence.subset_count(settings, step, 81) for step in range(400)]
@@ -298,7 +319,8 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
                                          stage2_attention_weight=1.0, stage1_position_jitter=8,
-                                         stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2)
+                                         stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2,
+                                         stage1_highres_layout_batches=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -454,7 +476,7 @@ def test_shipped_remote_code_is_the_package_code(folder):
                                          ("--stage1-position-jitter",
                                           str(evidence.EVIDENCE_MAX_POSITION_JITTER + 1)),
                                          ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
-                                         ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
+                                         ("--stage1-subset-batches", "1.5"), ("--stage1-highres-layout-batches", "-0.5"), ("--stage1-subset-min", "-0.1"),
                                          ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
