@@ -364,10 +364,10 @@ def examples_on_grid(examples: list[Example], native_of_cell: torch.Tensor, grid
     for example in examples:
         answer_patches = [nearest(cells_of[patch], x, y)
                           for patch, (x, y) in zip(example.answer_patches, example.answer_centres)]
-        moved.append(replace(
-            example, glyph_patches=[(cell, label) for patch, label in example.glyph_patches for cell in cells_of[patch]],
-            evidence_patches=sorted(cell for patch in example.evidence_patches for cell in cells_of[patch]),
-            answer_patches=answer_patches))
+        glyph_patches = [(cell, label) for patch, label in example.glyph_patches for cell in cells_of[patch]]
+        evidence_patches = sorted(cell for patch in example.evidence_patches for cell in cells_of[patch])
+        moved.append(replace(example, glyph_patches=glyph_patches, evidence_patches=evidence_patches,
+                             answer_patches=answer_patches))
     return moved
 
 
@@ -1016,6 +1016,20 @@ def parse_views(text: str) -> tuple:
     return tuple(views)
 
 
+def refuse_other_settings(path: Path, settings: EvidenceSettings) -> None:
+    """A run folder resumes (stage 1 from its checkpoint) only with the settings it was started with: mixing two
+    recipes in one run would be silent, and its `settings.json` would no longer describe it."""
+    if not path.is_file():
+        return
+    wanted = json.loads(json.dumps(asdict(settings)))
+    saved = {**json.loads(json.dumps(asdict(EvidenceSettings()))), **json.loads(path.read_text(encoding="utf-8"))}
+    changed = sorted(name for name in wanted.keys() | saved.keys() if wanted.get(name) != saved.get(name))
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)!r} there, {wanted.get(name)!r} now" for name in changed)
+        raise ValueError(f"{path.parent} holds a run started with other settings ({details}); resume it with the "
+                         f"flags it was started with, or pass a new --out")
+
+
 def run(args: argparse.Namespace) -> int:
     settings = EvidenceSettings(
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
@@ -1055,6 +1069,7 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(settings.stage2_lr) or settings.stage2_lr <= 0:
         raise ValueError(f"--stage2-lr must be a finite number > 0, got {settings.stage2_lr}")
     out = Path(args.out).resolve()
+    refuse_other_settings(out / "settings.json", settings)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -5,7 +5,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -470,13 +470,28 @@ def test_shipped_remote_code_is_the_package_code(folder):
         assert shipped_file.read_bytes() == source.read_bytes(), f"{shipped_file} differs from {source}"
 
 
+def test_train_evidence_resumes_a_run_folder_only_with_its_own_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = json.loads(json.dumps(asdict(evidence.EvidenceSettings())))
+    del saved["stage1_highres_layout_batches"]  # a folder from before the setting existed: read as its default
+    (run / "settings.json").write_text(json.dumps({**saved, "stage1_steps": 6000}))
+    before = (run / "settings.json").read_text()
+    assert main(["train-evidence", "--out", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert "stage1_steps: 6000 there, 4000 now" in error and "highres" not in error
+    assert (run / "settings.json").read_text() == before and sorted(p.name for p in run.iterdir()) == ["settings.json"]
+    evidence.refuse_other_settings(run / "settings.json", evidence.EvidenceSettings(stage1_steps=6000))
+
+
 @pytest.mark.parametrize("flag, value", [("--stage2-lr", "0"), ("--stage1-copy-weight", "-1"),
                                          ("--stage1-attention-weight", "nan"), ("--stage1-attention-heads", "5"),
                                          ("--stage1-copy-start", "-1"), ("--stage1-position-jitter", "-1"),
                                          ("--stage1-position-jitter",
                                           str(evidence.EVIDENCE_MAX_POSITION_JITTER + 1)),
                                          ("--stage1-copy-start", str(evidence.EvidenceSettings().stage1_steps)),
-                                         ("--stage1-subset-batches", "1.5"), ("--stage1-highres-layout-batches", "-0.5"), ("--stage1-subset-min", "-0.1"),
+                                         ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
+                                         ("--stage1-highres-layout-batches", "-0.5"),
                                          ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
