@@ -366,8 +366,9 @@ def examples_on_grid(examples: list[Example], native_of_cell: torch.Tensor, grid
                           for patch, (x, y) in zip(example.answer_patches, example.answer_centres)]
         glyph_patches = [(cell, label) for patch, label in example.glyph_patches for cell in cells_of[patch]]
         evidence_patches = sorted(cell for patch in example.evidence_patches for cell in cells_of[patch])
+        glyph_slots = [(cell, one, two) for patch, one, two in example.glyph_slots for cell in cells_of[patch]]
         moved.append(replace(example, glyph_patches=glyph_patches, evidence_patches=evidence_patches,
-                             answer_patches=answer_patches))
+                             answer_patches=answer_patches, glyph_slots=glyph_slots))
     return moved
 
 
@@ -400,7 +401,9 @@ def examples_in_subset(examples: list[Example], kept: torch.Tensor) -> list[Exam
         position = {patch: index for index, patch in enumerate(kept[row].tolist())}
         moved.append(replace(example, glyph_patches=[(position[p], label) for p, label in example.glyph_patches],
                              evidence_patches=[position[p] for p in example.evidence_patches],
-                             answer_patches=[position[p] for p in example.answer_patches]))
+                             answer_patches=[position[p] for p in example.answer_patches],
+                             glyph_slots=[(position[p], one, two) for p, one, two in example.glyph_slots
+                                          if p in position]))
     return moved
 
 
@@ -441,6 +444,7 @@ class EvidenceSettings:
     stage1_attention_weight: float = 1.0
     stage1_attention_heads: int = 1
     stage1_pair_weight: float = 0.0
+    stage1_second_glyph_weight: float = 0.0
     lm_layers: int = EVIDENCE_LM_LAYERS
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
@@ -559,12 +563,14 @@ class LastLayerAttention:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         return scores.softmax(-1)
 
-    def written(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[n, hidden]: what the supervised heads would add to the residual stream if they attended only to
-        position `positions[i]` of row `rows[i]` (their values through their slice of the output projection)."""
-        width = self.heads * self.attention.head_dim
-        values = self.attention.v_proj(self.inputs[0][rows, positions])[:, :width]  # [n, heads * hd]
-        return values @ self.attention.o_proj.weight[:, :width].T
+    def written(self, rows: torch.Tensor, positions: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """[n, hidden]: what the supervised heads (or head `head` alone) would add to the residual stream if they
+        attended only to position `positions[i]` of row `rows[i]` (values through their slice of the output
+        projection)."""
+        head_dim = self.attention.head_dim
+        columns = slice(0, self.heads * head_dim) if head is None else slice(head * head_dim, (head + 1) * head_dim)
+        values = self.attention.v_proj(self.inputs[0][rows, positions])[:, columns]  # [n, heads * hd]
+        return values @ self.attention.o_proj.weight[:, columns].T
 
     def remove(self) -> None:
         self.handle.remove()
@@ -587,11 +593,13 @@ def glyph_copy_loss(model, attention: LastLayerAttention, batch: dict, examples:
 
 
 def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[Example], answer_lengths: list[int],
-                            image_token_id: int) -> torch.Tensor | None:
+                            image_token_id: int, sink_shared_seconds: bool = False) -> torch.Tensor | None:
     """Mean over rows of -log(attention mass on the answer's evidence) for the supervised heads `weights`
     [B', h, T, T]: attention supervision of the lookup (question -> evidence patch) that the LM must learn before
-    it can read. An answer spelled by glyphs points answer token i at the patch of glyph i; any other answer
-    points every answer token at the patches its evidence boxes cover."""
+    it can read. An answer spelled by glyphs points answer token i at the patch of glyph i (with
+    `sink_shared_seconds`, the second glyph of a shared patch at the row's first token instead: another head
+    reads it, `second_glyph_loss`); any other answer points every answer token at the patches its evidence boxes
+    cover."""
     starts = image_starts(batch["input_ids"], image_token_id)
     losses = []
     for row, source in enumerate(batch["image_rows"].tolist()):
@@ -599,6 +607,8 @@ def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[E
         if example.answer_patches:
             queries = first + torch.arange(len(example.answer_patches))
             keys = starts[row] + torch.tensor(example.answer_patches)
+            if sink_shared_seconds:
+                keys[shared_seconds(example)] = 0  # the row's first token: an attention sink
             mass = weights[row][:, queries, keys]  # [h, glyphs]
         elif example.evidence_patches:
             keys = starts[row] + torch.tensor(example.evidence_patches)
@@ -607,6 +617,42 @@ def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[E
             continue
         losses.append(-torch.log(mass + 1e-6).mean())
     return torch.stack(losses).mean() if losses else None
+
+
+def shared_seconds(example: Example) -> list[int]:
+    """Indices i >= 1 of the answer glyphs whose patch is glyph i - 1's (the second glyph of a shared patch)."""
+    patches = example.answer_patches
+    return [i for i in range(1, len(patches)) if patches[i] == patches[i - 1]]
+
+
+def second_glyph_loss(reader: LastLayerAttention, model, batch: dict, examples: list[Example],
+                      glyph_token_ids: torch.Tensor, image_token_id: int) -> torch.Tensor | None:
+    """The LM-side reading of a patch that holds two glyphs, on head 1 of the last layer (`reader` recomputes
+    heads 0-1): -log of head 1's attention from the answer token of each shared patch's second glyph to that
+    patch, and from every other answer glyph's token to the row's first token (a sink); plus the LM head on what
+    head 1 copies from each such patch (its value/output path) against the patch's second glyph."""
+    weights = reader.weights()[:, 1]  # [B', T, T]
+    starts = image_starts(batch["input_ids"], image_token_id)
+    pointers = []
+    for row, source in enumerate(batch["image_rows"].tolist()):
+        example, first = examples[source], int(batch["prefix_lengths"][row])
+        if not example.answer_patches:
+            continue
+        keys = torch.zeros(len(example.answer_patches), dtype=torch.long)  # the sink
+        seconds = shared_seconds(example)
+        keys[seconds] = starts[row] + torch.tensor(example.answer_patches)[seconds]
+        queries = first + torch.arange(len(keys))
+        pointers.append(-torch.log(weights[row, queries, keys] + 1e-6).mean())
+    slots = [(row, patch, two) for row, example in enumerate(examples) for patch, _, two in example.glyph_slots
+             if two != NO_SECOND_GLYPH]
+    terms = [torch.stack(pointers).mean()] if pointers else []
+    if slots:
+        rows, patches, classes = (torch.tensor(column) for column in zip(*slots))
+        written = reader.written(rows, starts[:len(examples)][rows] + patches, head=1)
+        language_model = model.language_model
+        logits = language_model.lm_head(language_model.model.norm(written))
+        terms.append(nn.functional.cross_entropy(logits, glyph_token_ids[classes]))
+    return sum(terms) if terms else None
 
 
 def copy_weight_at(settings: EvidenceSettings, step: int) -> float:
@@ -653,6 +699,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     head = GlyphHead(config.vision_config.hidden_size)
     glyph_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(ANSWER_ALPHABET)))
     attention = LastLayerAttention(model, settings.stage1_attention_heads)
+    reader = LastLayerAttention(model, 2) if settings.stage1_second_glyph_weight else None
     validation = validation_examples(settings)
     second = SecondGlyphHead(config.vision_config.hidden_size) if settings.stage1_pair_weight else None
     parameters = list(model.parameters()) + list(head.parameters()) + (list(second.parameters()) if second else [])
@@ -703,9 +750,12 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
                 outputs.logits, batch, lm_examples, glyph_token_ids, config.image_token_id)),
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
                 attention.weights(), batch, lm_examples, [len(builder.answer_ids(e.answer)) for e in examples],
-                config.image_token_id) if settings.stage1_attention_weight else None),
+                config.image_token_id, sink_shared_seconds=reader is not None)
+                if settings.stage1_attention_weight else None),
             "copy": (copy_weight, glyph_copy_loss(
                 model, attention, batch, lm_examples, glyph_token_ids, config.image_token_id) if copy_weight else None),
+            "second": (settings.stage1_second_glyph_weight, second_glyph_loss(
+                reader, model, batch, lm_examples, glyph_token_ids, config.image_token_id) if reader else None),
         }
         optimizer.zero_grad(set_to_none=True)
         weighted_sum(terms).backward()
@@ -723,6 +773,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                         "second_head": second.state_dict() if second else None, "step": step + 1}, checkpoint)
     attention.remove()
+    if reader is not None:
+        reader.remove()
     model.eval()
     model.config.vision_mode = SELECTING
     model.generation_config = evidence_generation_config(model.config)
@@ -960,6 +1012,10 @@ def register(subparsers) -> None:
     parser.add_argument("--stage1-pair-weight", type=float, default=defaults.stage1_pair_weight,
                         help="weight of the tower's auxiliary second-glyph classifier: a patch holding two glyphs "
                              "learns both, in order (0 = off)")
+    parser.add_argument("--stage1-second-glyph-weight", type=float, default=defaults.stage1_second_glyph_weight,
+                        help="weight of the LM-side reading of a patch holding two answer glyphs: head 1 of the "
+                             "last layer points the second glyph's token at it and copies that glyph, head 0 "
+                             "points it at the first token (0 = off)")
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers,
                         help=f"layers of the from-scratch LM (default {EVIDENCE_LM_LAYERS})")
     parser.add_argument("--stage1-highres-layout-batches", type=float,
@@ -1036,6 +1092,7 @@ def run(args: argparse.Namespace) -> int:
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
         stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers,
+        stage1_second_glyph_weight=args.stage1_second_glyph_weight,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
         stage1_highres_layout_batches=args.stage1_highres_layout_batches,
@@ -1062,7 +1119,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
                          f"{settings.stage1_copy_start}")
     for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight", "stage1_pair_weight",
-                 "stage2_readout_weight", "stage2_attention_weight"):
+                 "stage1_second_glyph_weight", "stage2_readout_weight", "stage2_attention_weight"):
         if not math.isfinite(getattr(settings, name)) or getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0 turns the term off), got "
                              f"{getattr(settings, name)}")

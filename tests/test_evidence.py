@@ -249,6 +249,64 @@ def test_evidence_attention_loss_is_the_mass_on_the_evidence():
     assert float(loss) == pytest.approx(-math.log(1e-6) / 2, rel=1e-4)
 
 
+def test_shared_second_glyphs_point_head_0_at_the_sink_and_head_1_at_their_patch():
+    tokenizer = evidence.build_evidence_tokenizer()
+    torch.manual_seed(0)
+    model = ShirgLavidaForDiffusionLM(evidence.evidence_config(tokenizer)).eval()
+    glyph_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(evidence.ANSWER_ALPHABET)))
+    shared = evidence.Example(None, "What is in the red tag?", "KE", [], answer_patches=[2, 2],
+                              glyph_slots=[(2, 10, 4), (3, 7, evidence.NO_SECOND_GLYPH)])
+    assert evidence.shared_seconds(shared) == [1]
+    assert evidence.shared_seconds(replace(shared, answer_patches=[2, 3])) == []
+    ids = torch.tensor([[5, 4, 4, 4, 4, 9, 9]])  # image tokens (id 4) at 1..4, answer from position 5
+    batch = {"input_ids": ids, "prefix_lengths": torch.tensor([5]), "image_rows": torch.tensor([0])}
+    weights = torch.zeros(1, 2, 7, 7)
+    weights[0, 0, 5, 1 + 2] = weights[0, 0, 6, 0] = 1.0  # head 0: glyph 0 from patch 2, the shared second: sink
+    weights[0, 1, 5, 0] = weights[0, 1, 6, 1 + 2] = 1.0  # head 1: the sink, then the shared second's patch
+    assert abs(float(evidence.evidence_attention_loss(weights[:, :1], batch, [shared], [3], 4,
+                                                      sink_shared_seconds=True))) < 1e-5
+    assert float(evidence.evidence_attention_loss(weights[:, :1], batch, [shared], [3], 4)) > 5  # without: wrong
+    written = []
+
+    class Reader:
+        def weights(self):
+            return weights
+
+        def written(self, rows, positions, head):
+            written.append((rows.tolist(), positions.tolist(), head))
+            return torch.zeros(len(rows), model.config.text_config.hidden_size)
+
+    pointers_only = evidence.second_glyph_loss(Reader(), model, batch, [replace(shared, glyph_slots=[])],
+                                               glyph_token_ids, 4)
+    assert abs(float(pointers_only)) < 1e-5 and written == []
+    loss = evidence.second_glyph_loss(Reader(), model, batch, [shared], glyph_token_ids, 4)
+    assert written == [([0], [1 + 2], 1)]  # head 1 copies from the shared patch only
+    language_model = model.language_model
+    logits = language_model.lm_head(language_model.model.norm(torch.zeros(1, model.config.text_config.hidden_size)))
+    expected = torch.nn.functional.cross_entropy(logits, glyph_token_ids[[4]])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_written_by_one_head_is_that_heads_slice_of_the_output_projection():
+    torch.manual_seed(0)
+    model = ShirgLavidaForDiffusionLM(evidence.evidence_config()).eval()
+    reader = evidence.LastLayerAttention(model, heads=2)
+    ids = torch.randint(8, 100, (1, 10))
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids.masked_fill(torch.arange(10) < 6, -100), prefix_lengths=torch.tensor([6]))
+        module, hidden = reader.attention, reader.inputs[0]
+        rows, positions = torch.tensor([0, 0]), torch.tensor([2, 7])
+        values = module.v_proj(hidden[rows, positions])
+        values[:, :module.head_dim] = 0
+        values[:, 2 * module.head_dim:] = 0  # head 1 alone
+        torch.testing.assert_close(reader.written(rows, positions, head=1), module.o_proj(values),
+                                   rtol=0, atol=fp32_tolerance(256, float(values.abs().max())))
+        torch.testing.assert_close(reader.written(rows, positions), reader.written(rows, positions, head=0)
+                                   + reader.written(rows, positions, head=1), rtol=0,
+                                   atol=fp32_tolerance(256, float(module.v_proj(hidden).abs().max())))
+    reader.remove()
+
+
 def test_glyph_readout_loss_reads_the_labelled_image_positions():
     example = evidence.Example(None, "What is in the red tag?", "K", [(2, 3)])  # patch 2 holds glyph class 3
     ids = torch.tensor([[5, 4, 4, 4, 4, 9]])
@@ -320,7 +378,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
                                          stage2_attention_weight=1.0, stage1_position_jitter=8,
                                          stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2,
-                                         stage1_highres_layout_batches=1.0)
+                                         stage1_highres_layout_batches=1.0, stage1_second_glyph_weight=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -329,7 +387,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
     assert all(math.isfinite(stage1_record[name])
-               for name in ("aux", "pair", "readout", "attention", "copy", "val_loss"))
+               for name in ("aux", "pair", "readout", "attention", "copy", "second", "val_loss"))
     stage2_record = next(r for r in log if r["stage"] == 2 and "step" in r)
     assert all(math.isfinite(stage2_record[name]) for name in ("loss", "readout", "attention"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
@@ -493,6 +551,7 @@ def test_train_evidence_resumes_a_run_folder_only_with_its_own_settings(tmp_path
                                          ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
                                          ("--stage1-highres-layout-batches", "-0.5"),
                                          ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
+                                         ("--stage1-second-glyph-weight", "inf"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
