@@ -587,9 +587,13 @@ def glyph_copy_loss(model, attention: LastLayerAttention, batch: dict, examples:
     rows, patches, classes = labelled
     starts = image_starts(batch["input_ids"][:len(examples)], image_token_id)
     written = attention.written(rows, starts[rows] + patches)
+    return nn.functional.cross_entropy(vocabulary_logits(model, written), glyph_token_ids[classes])
+
+
+def vocabulary_logits(model, written: torch.Tensor) -> torch.Tensor:
+    """[n, vocab]: the LM head (after the final norm) on what a head writes into the residual stream."""
     language_model = model.language_model
-    logits = language_model.lm_head(language_model.model.norm(written))
-    return nn.functional.cross_entropy(logits, glyph_token_ids[classes])
+    return language_model.lm_head(language_model.model.norm(written))
 
 
 def evidence_attention_loss(weights: torch.Tensor, batch: dict, examples: list[Example], answer_lengths: list[int],
@@ -649,9 +653,7 @@ def second_glyph_loss(reader: LastLayerAttention, model, batch: dict, examples: 
     if slots:
         rows, patches, classes = (torch.tensor(column) for column in zip(*slots))
         written = reader.written(rows, starts[:len(examples)][rows] + patches, head=1)
-        language_model = model.language_model
-        logits = language_model.lm_head(language_model.model.norm(written))
-        terms.append(nn.functional.cross_entropy(logits, glyph_token_ids[classes]))
+        terms.append(nn.functional.cross_entropy(vocabulary_logits(model, written), glyph_token_ids[classes]))
     return sum(terms) if terms else None
 
 
@@ -715,6 +717,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         start = state["step"]
     image_processor = processor.image_processor
     native = config.vision_config.image_size
+    highres_layout = native_tokens_on_grid(highres_grid())  # [256] native token of each high-res cell
     log_path, began, running = out / "train_log.jsonl", time.perf_counter(), []
     warmup = max(1, settings.stage1_steps // 20)
     for step in range(start, settings.stage1_steps):
@@ -726,8 +729,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         features = model.vision_features(pixels)  # [B, N, D]
         visual, lm_examples = features, examples
         if uses_highres_layout(settings, step):
-            layout = native_tokens_on_grid(highres_grid())
-            visual, lm_examples = features[:, layout], examples_on_grid(examples, layout, highres_grid())
+            visual = features[:, highres_layout]
+            lm_examples = examples_on_grid(examples, highres_layout, highres_grid())
         count = subset_count(settings, step, visual.shape[1])
         if count is not None:
             visual, kept = native_subset(visual, lm_examples, count, _seeded_generator(settings.seed, 7, step))
