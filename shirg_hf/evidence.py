@@ -30,8 +30,8 @@ from .processing.processing_shirg_lavida import (
     LAVIDA_SYSTEM_PROMPT, LLADA_CHAT_TEMPLATE, ShirgLavidaProcessor, build_prompt,
 )
 from .synth import (
-    ANSWER_ALPHABET, CHART_DIGITS, COLOUR_NAMES, EVIDENCE_GEOMETRY, EVIDENCE_PATCH_SIZE, FAMILIES, FORM_KEYS, SHAPES,
-    generate_sample, recording_glyphs,
+    ANSWER_ALPHABET, CHART_DIGITS, COLOUR_NAMES, EVIDENCE_GEOMETRY, EVIDENCE_PATCH_SIZE, FAMILIES, FORM_KEYS, PALETTE,
+    SHAPES, generate_sample, recording_glyphs,
 )
 from .training import _seeded_generator, complementary_noising, projector_lora_config
 
@@ -41,6 +41,7 @@ EVIDENCE_MIDDLE_BUDGET = 84
 EVIDENCE_LM_HEADS = 4
 EVIDENCE_LM_LAYERS = 3
 NO_SECOND_GLYPH = len(ANSWER_ALPHABET)  # the second-glyph head's class for a patch holding one glyph
+EVIDENCE_COLOUR_MIN_PX = 3  # canvas pixels of a palette colour that make a native patch "hold" that colour
 STAGE2_TRAINS = ("lora", "lm_lora", "projector")  # projector LoRA | + LoRA on the LM's linears | whole projector
 LM_LORA_TARGETS = r"(.*\.)?language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 EVIDENCE_MAX_POSITION_JITTER = 256  # keeps every stage-1 row far inside the LM's 1,024 positions
@@ -179,6 +180,7 @@ class Example:
     glyph_centres: list = field(default_factory=list)  # [(x, y, class)] canvas centre of every alphabet glyph drawn
     answer_centres: list = field(default_factory=list)  # [(x, y)] canvas centre of each answer glyph, in answer order
     glyph_slots: list = field(default_factory=list)  # [(native patch, first class, second class or NO_SECOND_GLYPH)]
+    patch_colours: torch.Tensor | None = None  # [native patches, palette colours] bool: the colours each patch holds
 
 
 def row_glyph_scale(index: int, scales=STAGE1_GLYPH_SCALES) -> float:
@@ -202,7 +204,7 @@ def make_example(split: str, seed: int, index: int, glyph_scale: float) -> Examp
     return Example(sample.image, sample.row["question"], answer, glyph_patches_on_grid(centres, native),
                    native_patches_of_boxes(sample.row["evidence_boxes"]),
                    [patch_on_grid(x, y, native) for x, y in answer_centres], centres, answer_centres,
-                   glyph_slots_on_grid(centres, native))
+                   glyph_slots_on_grid(centres, native), colours_on_grid(sample.image, native))
 
 
 def native_grid() -> int:
@@ -248,6 +250,18 @@ def glyph_slots_on_grid(centres: list, grid: int) -> list:
         if len(glyphs) <= 2:
             slots.append((patch, labels[0], labels[1]))
     return slots
+
+
+def colours_on_grid(image, grid: int, min_pixels: int = EVIDENCE_COLOUR_MIN_PX) -> torch.Tensor:
+    """[grid * grid, palette colours] bool: which palette colours (synth's `PALETTE`, in `COLOUR_NAMES` order)
+    cover at least `min_pixels` canvas pixels, exactly, in each patch of a `grid` x `grid` view of the canvas."""
+    pixels = np.asarray(image.convert("RGB"))  # [H, W, 3]
+    rows = ((np.arange(pixels.shape[0]) + 0.5) * grid / pixels.shape[0]).astype(int)  # patch row of each pixel row
+    columns = ((np.arange(pixels.shape[1]) + 0.5) * grid / pixels.shape[1]).astype(int)
+    cells = (rows[:, None] * grid + columns[None, :]).ravel()  # [H * W] patch of each pixel
+    counts = np.stack([np.bincount(cells, (pixels == PALETTE[name]).all(-1).ravel(), minlength=grid * grid)
+                       for name in COLOUR_NAMES], axis=-1)  # [grid * grid, colours]
+    return torch.from_numpy(counts >= min_pixels)
 
 
 def native_patches_of_boxes(boxes, min_overlap_px: float = EVIDENCE_MIN_OVERLAP_PX) -> list[int]:
@@ -445,6 +459,7 @@ class EvidenceSettings:
     stage1_attention_heads: int = 1
     stage1_pair_weight: float = 0.0
     stage1_second_glyph_weight: float = 0.0
+    stage1_colour_weight: float = 0.0
     lm_layers: int = EVIDENCE_LM_LAYERS
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
@@ -507,6 +522,19 @@ class SecondGlyphHead(nn.Module):
         if shared.any():
             loss = loss + nn.functional.cross_entropy(first.linear(tokens[shared]), firsts[shared])
         return loss
+
+
+class ColourHead(nn.Module):
+    """Auxiliary per-patch classifier of the palette colours a native patch holds (multi-label), so the tower
+    carries e.g. a tag's frame colour beside its glyph (training only; never saved with the model)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, len(COLOUR_NAMES))
+
+    def loss(self, features: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+        targets = torch.stack([example.patch_colours for example in examples]).float()  # [B, N, colours]
+        return nn.functional.binary_cross_entropy_with_logits(self.linear(features), targets)
 
 
 def glyph_labels(examples: list[Example]):
@@ -704,7 +732,9 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     reader = LastLayerAttention(model, 2) if settings.stage1_second_glyph_weight else None
     validation = validation_examples(settings)
     second = SecondGlyphHead(config.vision_config.hidden_size) if settings.stage1_pair_weight else None
-    parameters = list(model.parameters()) + list(head.parameters()) + (list(second.parameters()) if second else [])
+    colour = ColourHead(config.vision_config.hidden_size) if settings.stage1_colour_weight else None
+    parameters = [*model.parameters(), *head.parameters(), *(second.parameters() if second else ()),
+                  *(colour.parameters() if colour else ())]
     optimizer = torch.optim.AdamW(parameters, lr=settings.stage1_lr, betas=(0.9, 0.98), weight_decay=0.01)
     checkpoint, start = out / "stage1_checkpoint.pt", 0
     if checkpoint.is_file():
@@ -713,6 +743,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
         head.load_state_dict(state["head"])
         if second is not None:
             second.load_state_dict(state["second_head"])
+        if colour is not None:
+            colour.load_state_dict(state["colour_head"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     image_processor = processor.image_processor
@@ -749,6 +781,7 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             "loss": (1.0, outputs.loss),
             "aux": (settings.stage1_aux_weight, head.loss(features, examples)),
             "pair": (settings.stage1_pair_weight, second.loss(head, features, examples) if second else None),
+            "colour": (settings.stage1_colour_weight, colour.loss(features, examples) if colour else None),
             "readout": (settings.stage1_readout_weight, glyph_readout_loss(
                 outputs.logits, batch, lm_examples, glyph_token_ids, config.image_token_id)),
             "attention": (settings.stage1_attention_weight, evidence_attention_loss(
@@ -774,7 +807,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
             running = []
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.stage1_steps:
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "second_head": second.state_dict() if second else None, "step": step + 1}, checkpoint)
+                        "second_head": second.state_dict() if second else None,
+                        "colour_head": colour.state_dict() if colour else None, "step": step + 1}, checkpoint)
     attention.remove()
     if reader is not None:
         reader.remove()
@@ -1019,6 +1053,9 @@ def register(subparsers) -> None:
                         help="weight of the LM-side reading of a patch holding two answer glyphs: head 1 of the "
                              "last layer points the second glyph's token at it and copies that glyph, head 0 "
                              "points it at the first token (0 = off)")
+    parser.add_argument("--stage1-colour-weight", type=float, default=defaults.stage1_colour_weight,
+                        help="weight of the tower's auxiliary colour classifier: each native patch learns which "
+                             "palette colours it holds, e.g. a tag's frame beside its glyph (0 = off)")
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers,
                         help=f"layers of the from-scratch LM (default {EVIDENCE_LM_LAYERS})")
     parser.add_argument("--stage1-highres-layout-batches", type=float,
@@ -1095,7 +1132,7 @@ def run(args: argparse.Namespace) -> int:
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
         stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers,
-        stage1_second_glyph_weight=args.stage1_second_glyph_weight,
+        stage1_second_glyph_weight=args.stage1_second_glyph_weight, stage1_colour_weight=args.stage1_colour_weight,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
         stage1_highres_layout_batches=args.stage1_highres_layout_batches,
@@ -1122,7 +1159,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--stage1-copy-start must be a step in [0, --stage1-steps = {settings.stage1_steps}), got "
                          f"{settings.stage1_copy_start}")
     for name in ("stage1_readout_weight", "stage1_attention_weight", "stage1_copy_weight", "stage1_pair_weight",
-                 "stage1_second_glyph_weight", "stage2_readout_weight", "stage2_attention_weight"):
+                 "stage1_second_glyph_weight", "stage1_colour_weight", "stage2_readout_weight",
+                 "stage2_attention_weight"):
         if not math.isfinite(getattr(settings, name)) or getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0 turns the term off), got "
                              f"{getattr(settings, name)}")

@@ -3,12 +3,14 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from shirg_hf.compare import exact_match
 from shirg_hf.evidence_demo import evidence_model_path
 from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
 from shirg_hf.processing.processing_shirg_lavida import ShirgLavidaProcessor
-from shirg_hf.synth import generate_sample
+from shirg_hf.synth import COLOUR_NAMES, PALETTE, generate_sample
 
 # The floor and ceiling come from the shipped model's accuracy on the 2,000-question test table (saved with it in
 # evidence_results.json; BENCHMARKS.md, "Evidence model"), minus / plus 4 standard errors of a 200-question
@@ -166,6 +168,45 @@ def test_second_glyph_head_learns_both_glyphs_of_a_shared_patch():
     assert torch.isfinite(loss) and first.linear.weight.grad.abs().sum() > 0
     nothing = [replace(e, glyph_slots=[]) for e in examples]
     assert second.loss(first, features, nothing) is None
+
+
+def test_patch_colours_count_exact_palette_pixels_per_patch():
+    red, blue = PALETTE["red"], PALETTE["blue"]
+    image = PIL.Image.new("RGB", (18, 18), (255, 255, 255))  # a 3 x 3 grid of 6 px patches
+    for x in range(7, 10):
+        image.putpixel((x, 1), red)  # 3 red pixels, all in patch 1 (x 6-11, y 0-5)
+    image.putpixel((13, 13), blue)  # 2 blue pixels in patch 8: below the threshold
+    image.putpixel((14, 13), blue)
+    image.putpixel((1, 13), tuple(v - 1 for v in red))  # near-red is not red
+    colours = evidence.colours_on_grid(image, 3, min_pixels=3)
+    assert colours.shape == (9, len(COLOUR_NAMES)) and colours.dtype == torch.bool
+    assert colours.nonzero().tolist() == [[1, COLOUR_NAMES.index("red")]]
+    assert evidence.colours_on_grid(image, 3, min_pixels=2)[8, COLOUR_NAMES.index("blue")]
+
+
+def test_a_tag_glyphs_patch_holds_its_frame_colour():
+    rows = [evidence.make_example("train", 1, index, 1.6) for index in range(0, 30, 3)]  # tags rows
+    asked = [(e, re.match(r"What is in the (\w+) tag\?", e.question)) for e in rows]
+    asked = [(e, match.group(1)) for e, match in asked if match and e.answer_patches]
+    assert asked
+    for example, colour in asked:
+        assert all(example.patch_colours[patch, COLOUR_NAMES.index(colour)] for patch in example.answer_patches)
+
+
+def test_colour_head_learns_the_colours_a_patch_holds():
+    torch.manual_seed(0)
+    examples = [evidence.make_example("train", 1, index, 1.6) for index in range(4)]
+    features = torch.randn(4, evidence.native_grid() ** 2, 16, requires_grad=True)
+    head = evidence.ColourHead(16)
+    optimizer = torch.optim.Adam([features, *head.parameters()], lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = head.loss(features, examples)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[0]) and losses[-1] < losses[0] / 2
 
 
 def test_examples_in_view_move_the_labels_to_visual_token_positions():
@@ -378,7 +419,8 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
                                          stage2_attention_weight=1.0, stage1_position_jitter=8,
                                          stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2,
-                                         stage1_highres_layout_batches=1.0, stage1_second_glyph_weight=1.0)
+                                         stage1_highres_layout_batches=1.0, stage1_second_glyph_weight=1.0,
+                                         stage1_colour_weight=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
     assert (stage1 / "config.json").is_file() and not (tmp_path / "stage1_checkpoint.pt").exists()
     evidence.train_stage2(stage1, tmp_path, settings)
@@ -387,7 +429,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     stage1_record = next(r for r in log if r["stage"] == 1 and "step" in r)
     assert all(math.isfinite(stage1_record[name])
-               for name in ("aux", "pair", "readout", "attention", "copy", "second", "val_loss"))
+               for name in ("aux", "pair", "colour", "readout", "attention", "copy", "second", "val_loss"))
     stage2_record = next(r for r in log if r["stage"] == 2 and "step" in r)
     assert all(math.isfinite(stage2_record[name]) for name in ("loss", "readout", "attention"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
@@ -551,7 +593,7 @@ def test_train_evidence_resumes_a_run_folder_only_with_its_own_settings(tmp_path
                                          ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
                                          ("--stage1-highres-layout-batches", "-0.5"),
                                          ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
-                                         ("--stage1-second-glyph-weight", "inf"),
+                                         ("--stage1-second-glyph-weight", "inf"), ("--stage1-colour-weight", "-1"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
 def test_train_evidence_refuses_bad_settings_before_training(tmp_path, capsys, flag, value):
