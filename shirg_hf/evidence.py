@@ -40,6 +40,8 @@ EVIDENCE_BUDGETS = (56, 84, 112)  # 22 / 33 / 44 % of the 256 high-res patches
 EVIDENCE_MIDDLE_BUDGET = 84
 EVIDENCE_LM_HEADS = 4
 EVIDENCE_LM_LAYERS = 3
+EVIDENCE_LM_HIDDEN = 128
+EVIDENCE_LM_MLP_RATIO = 2.75  # SwiGLU width / hidden width (352 at d 128)
 NO_SECOND_GLYPH = len(ANSWER_ALPHABET)  # the second-glyph head's class for a patch holding one glyph
 EVIDENCE_COLOUR_MIN_PX = 3  # canvas pixels of a palette colour that make a native patch "hold" that colour
 STAGE2_TRAINS = ("lora", "lm_lora", "projector")  # projector LoRA | + LoRA on the LM's linears | whole projector
@@ -124,18 +126,19 @@ def _split_specials(text: str) -> list[str]:
 
 
 # ---- config ------------------------------------------------------------------------------------------------
-def evidence_config(tokenizer=None, vision_mode: str = SELECTING, lm_layers: int = EVIDENCE_LM_LAYERS
-                    ) -> ShirgLavidaConfig:
+def evidence_config(tokenizer=None, vision_mode: str = SELECTING, lm_layers: int = EVIDENCE_LM_LAYERS,
+                    lm_hidden: int = EVIDENCE_LM_HIDDEN) -> ShirgLavidaConfig:
     """The evidence model: SigLIP d128 x 4 layers at 72 px (9x9 patches of 8 px; 128 px = 16x16 high-res),
-    projector 128 -> 128 -> 128, LLaDA d128 x `lm_layers` layers (SwiGLU 352), K = 84 of 256 with 4x4 coverage
-    cells."""
+    projector 128 -> `lm_hidden` -> `lm_hidden`, LLaDA d`lm_hidden` x `lm_layers` layers (SwiGLU 2.75 x d: 352 at
+    the default d 128), K = 84 of 256 with 4x4 coverage cells."""
     tokenizer = tokenizer or build_evidence_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"), ("mask", "<|mdm_mask|>"), ("eot", "<|eot_id|>"),
         ("image", "<image>"))}
     vocab_size = -(-len(tokenizer) // 8) * 8
     text = LladaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=lm_layers,
+        vocab_size=vocab_size, hidden_size=lm_hidden, intermediate_size=round(EVIDENCE_LM_MLP_RATIO * lm_hidden),
+        num_hidden_layers=lm_layers,
         num_attention_heads=EVIDENCE_LM_HEADS, num_key_value_heads=EVIDENCE_LM_HEADS, max_position_embeddings=1024,
         rope_theta=10000.0, mask_token_id=ids["mask"],
         eos_token_id=ids["eos"], pad_token_id=ids["eos"], bos_token_id=ids["bos"], eot_token_id=ids["eot"],
@@ -461,6 +464,7 @@ class EvidenceSettings:
     stage1_second_glyph_weight: float = 0.0
     stage1_colour_weight: float = 0.0
     lm_layers: int = EVIDENCE_LM_LAYERS
+    lm_hidden: int = EVIDENCE_LM_HIDDEN
     stage1_copy_weight: float = 1.0
     stage1_copy_start: int = 1500
     stage1_position_jitter: int = 0
@@ -720,7 +724,8 @@ def train_stage1(out: Path, settings: EvidenceSettings, tokenizer=None) -> Path:
     if (final / "config.json").is_file():
         return final
     tokenizer = tokenizer or build_evidence_tokenizer()
-    config = evidence_config(tokenizer, vision_mode=NATIVE_VIEW, lm_layers=settings.lm_layers)
+    config = evidence_config(tokenizer, vision_mode=NATIVE_VIEW, lm_layers=settings.lm_layers,
+                             lm_hidden=settings.lm_hidden)
     processor = evidence_processor(config, tokenizer)
     builder = PromptBuilder(processor)
     torch.manual_seed(settings.seed)
@@ -1058,6 +1063,9 @@ def register(subparsers) -> None:
                              "palette colours it holds, e.g. a tag's frame beside its glyph (0 = off)")
     parser.add_argument("--lm-layers", type=int, default=defaults.lm_layers,
                         help=f"layers of the from-scratch LM (default {EVIDENCE_LM_LAYERS})")
+    parser.add_argument("--lm-hidden", type=int, default=defaults.lm_hidden,
+                        help=f"hidden width of the from-scratch LM and the projector's output, a multiple of "
+                             f"{2 * EVIDENCE_LM_HEADS} (default {EVIDENCE_LM_HIDDEN}; SwiGLU width 2.75x)")
     parser.add_argument("--stage1-highres-layout-batches", type=float,
                         default=defaults.stage1_highres_layout_batches,
                         help="fraction of stage-1 batches whose native tokens are laid out on the high-res grid "
@@ -1131,7 +1139,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stage1_steps=args.stage1_steps, stage1_batch=args.stage1_batch,
         stage1_readout_weight=args.stage1_readout_weight, stage1_attention_weight=args.stage1_attention_weight,
         stage1_attention_heads=args.stage1_attention_heads, stage1_copy_weight=args.stage1_copy_weight,
-        stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers,
+        stage1_pair_weight=args.stage1_pair_weight, lm_layers=args.lm_layers, lm_hidden=args.lm_hidden,
         stage1_second_glyph_weight=args.stage1_second_glyph_weight, stage1_colour_weight=args.stage1_colour_weight,
         stage1_copy_start=args.stage1_copy_start, stage1_position_jitter=args.stage1_position_jitter,
         stage1_subset_batches=args.stage1_subset_batches, stage1_subset_min=args.stage1_subset_min,
@@ -1149,6 +1157,9 @@ def run(args: argparse.Namespace) -> int:
                  "lm_layers"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if settings.lm_hidden < 2 * EVIDENCE_LM_HEADS or settings.lm_hidden % (2 * EVIDENCE_LM_HEADS):
+        raise ValueError(f"--lm-hidden must be a positive multiple of {2 * EVIDENCE_LM_HEADS} (the LM's "
+                         f"{EVIDENCE_LM_HEADS} heads need an even rotary width), got {settings.lm_hidden}")
     if not 0 <= settings.stage1_position_jitter <= EVIDENCE_MAX_POSITION_JITTER:
         raise ValueError(f"--stage1-position-jitter must be in [0, {EVIDENCE_MAX_POSITION_JITTER}] positions, got "
                          f"{settings.stage1_position_jitter}")

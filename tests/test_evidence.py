@@ -418,7 +418,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
                                          stage2_batch=3, checkpoint_every=1, val_questions=4,
                                          stage1_copy_weight=1.0, stage1_copy_start=1, stage2_readout_weight=1.0,
                                          stage2_attention_weight=1.0, stage1_position_jitter=8,
-                                         stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2,
+                                         stage1_subset_batches=0.5, stage1_pair_weight=1.0, lm_layers=2, lm_hidden=64,
                                          stage1_highres_layout_batches=1.0, stage1_second_glyph_weight=1.0,
                                          stage1_colour_weight=1.0)
     stage1 = evidence.train_stage1(tmp_path, settings)
@@ -433,7 +433,7 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     stage2_record = next(r for r in log if r["stage"] == 2 and "step" in r)
     assert all(math.isfinite(stage2_record[name]) for name in ("loss", "readout", "attention"))
     base = ShirgLavidaForDiffusionLM.from_pretrained(stage1)
-    assert base.config.text_config.num_hidden_layers == 2
+    assert base.config.text_config.num_hidden_layers == 2 and base.config.text_config.hidden_size == 64
     merged = ShirgLavidaForDiffusionLM.from_pretrained(tmp_path / "model")
     changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
     assert changed and all(name.startswith("multi_modal_projector.") for name in changed)  # only the LoRA'd projector
@@ -593,6 +593,7 @@ def test_train_evidence_resumes_a_run_folder_only_with_its_own_settings(tmp_path
                                          ("--stage1-subset-batches", "1.5"), ("--stage1-subset-min", "-0.1"),
                                          ("--stage1-highres-layout-batches", "-0.5"),
                                          ("--stage1-pair-weight", "-1"), ("--lm-layers", "0"),
+                                         ("--lm-hidden", "100"), ("--lm-hidden", "0"),
                                          ("--stage1-second-glyph-weight", "inf"), ("--stage1-colour-weight", "-1"),
                                          ("--stage2-attention-weight", "-1"), ("--stage2-glyph-scales", "0.5"),
                                          ("--stage2-glyph-scales", "big")])
