@@ -5,6 +5,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 from shirg_hf import ShirgLavidaConfig, ShirgLavidaProcessor, build_tiny_tokenizer
 from shirg_hf.modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
@@ -86,5 +87,6 @@ def test_lr_mm_sets_the_base_projector_group_and_a_run_saves_trained_biases(tmp_
         assert not torch.equal(value, reference.state_dict()[name])  # they trained
     with pytest.raises(ValueError, match="lr_mm"):
         ShirgDiffusionTrainer(model=get_peft_model(ShirgLavidaForDiffusionLM(config), projector_lora_config()),
+                              args=TrainingArguments(output_dir=str(tmp_path / "refused"), report_to=[]),
                               data_collator=ShirgDiffusionCollator(tiny_processor(), MASK_ID, budgets=(64,)),
                               lr_mm=1e-3)
