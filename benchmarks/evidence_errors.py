@@ -4,6 +4,9 @@ length, by whether the answer's glyphs share a patch, and what the wrong glyphs 
     python benchmarks/evidence_errors.py --data runs/evidence/data/test --runs shipped=runs/ev5/test/lora_a \
         --variants lowres,shirg:84
 
+`--pair A,B` adds how often variant A answers a detail question right where B is wrong, and the other three cases
+(the demo's selected image is a question where `shirg:84` is right and `lowres` wrong).
+
 A multi-glyph answer "shares a patch" when two of its glyph centres fall in one patch of the grid named by
 `--grid` (16: the high-res view's 8 px patches; 9: the native view's). A wrong glyph is "in the image" when the
 image draws it elsewhere (a lookup error rather than a misread glyph).
@@ -48,10 +51,12 @@ def main() -> None:
     parser.add_argument("--runs", required=True, nargs="+", metavar="LABEL=FOLDER", help="compare folders")
     parser.add_argument("--variants", help="comma-separated variants (default: every variant of each run)")
     parser.add_argument("--grid", type=int, default=16, help="patch grid for 'shares a patch' (16 or 9)")
+    parser.add_argument("--pair", metavar="A,B", help="two variants: how often each is right where the other is not")
     args = parser.parse_args()
     facts = question_facts(args.data, args.grid)
     wanted = set(args.variants.split(",")) if args.variants else None
     groups, errors = defaultdict(list), defaultdict(lambda: defaultdict(int))
+    answered = defaultdict(dict)  # (run, question id) -> {variant: correct}
     for entry in args.runs:
         label, _, folder = entry.partition("=")
         for line in (Path(folder) / "predictions.jsonl").read_text().splitlines():
@@ -59,6 +64,7 @@ def main() -> None:
             if record["question_id"] not in facts or (wanted and record["variant"] not in wanted):
                 continue
             family, length, layout, drawn = facts[record["question_id"]]
+            answered[label, record["question_id"]][record["variant"]] = record["correct"]
             key = (label, record["variant"])
             groups[key + (f"{family}, {length} glyph(s)",)].append(record["correct"])
             groups[key + (f"multi-glyph, {layout} patch",)].append(record["correct"])
@@ -79,6 +85,22 @@ def main() -> None:
         shares = [100 * counts[k] / total for k in ("right", "wrong, in the image", "wrong, not in the image",
                                                      "missing")]
         print(f"| {label} | `{variant}` | {total} | " + " | ".join(f"{share:.1f}" for share in shares) + " |")
+    if args.pair:
+        print_pairs(answered, *args.pair.split(","))
+
+
+def print_pairs(answered: dict, first: str, second: str) -> None:
+    """Detail questions by which of two variants answers them right, per run, with 95 % intervals."""
+    cases = ((True, False, f"`{first}` right, `{second}` wrong"), (True, True, "both right"),
+             (False, False, "both wrong"), (False, True, f"`{first}` wrong, `{second}` right"))
+    by_run = defaultdict(list)
+    for (label, _), outcome in answered.items():
+        if first in outcome and second in outcome:
+            by_run[label].append((outcome[first], outcome[second]))
+    print("\n| run | " + " | ".join(name for _, _, name in cases) + " |\n|---|---|---|---|---|")
+    for label, outcomes in sorted(by_run.items()):
+        print(f"| {label} | " + " | ".join(cell([outcome == (a, b) for outcome in outcomes]) for a, b, _ in cases)
+              + " |")
 
 
 if __name__ == "__main__":

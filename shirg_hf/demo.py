@@ -113,8 +113,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--random-tiny", action="store_true",
                         help="run a tiny RANDOM model instead of the trained one (the pipeline's mechanics)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="which fresh test-style image the trained model gets (default 0)")
+    parser.add_argument("--seed", type=int,
+                        help="which fresh test-style image the trained model gets (default: the first seed from 0 on "
+                             "which SHIRG reads the detail and the native view does not, a selected example, said "
+                             "so in the output; 0 with --question)")
     parser.add_argument("--image", help="your own image file (default: a generated image)")
     parser.add_argument("--question", help="the question to ask about the image (default: the generated image's "
                                            "detail question; with --random-tiny: " + repr(DEFAULT_QUESTION) + ")")
@@ -168,32 +170,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def image_origin(args: argparse.Namespace, seed: int | None, budget: int) -> tuple[str, str]:
+    """Where the demo's image came from and whether it was selected: a caption (console and picture) and what the
+    console adds to it."""
+    if args.image is not None:
+        return f"your {args.image}", ""
+    if args.seed is not None or args.question is not None:
+        return f"test-style image, seed {seed}", ""
+    skipped = f"seeds 0-{seed - 1} do not show it; " if seed else ""
+    return (f"test-style image, seed {seed}, SELECTED: the first seed where SHIRG K={budget} is right and the native "
+            f"view wrong", f" ({skipped}--seed N shows any image unselected)")
+
+
 def run_trained(args: argparse.Namespace) -> int:
     """The shipped evidence model on a fresh test-style image (or --image/--question): three views side by side."""
     from . import evidence_demo
+    from .evidence import RESULTS_NAME
 
     if args.image is not None and args.question is None:
         raise ValueError("--image needs --question (the trained model answers questions like the synth set's, e.g. "
                          "'What is in the red tag?')")
     model_dir = evidence_demo.evidence_model_path()
-    if args.image is not None:
-        image, question, truth = load_image(args.image), args.question, None
-    else:
-        image, question, truth = evidence_demo.demo_sample(args.seed)
-        question = args.question or question
-        truth = truth if args.question is None else None
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         model, processor = evidence_demo.load_trained(model_dir, args.device, resolve_dtype(args.dtype))
         budget = model.config.selection["budget"] if args.budget is None else args.budget
         processor.check_budget(budget)
+        if args.image is not None:
+            seed, image, question, answers = None, load_image(args.image), args.question, None
+        else:
+            seed = args.seed
+            if seed is None:
+                seed = 0 if args.question is not None else evidence_demo.showcase_seed(model, processor, budget)
+            image, question, answers = evidence_demo.demo_sample(seed)
+            if args.question is not None:
+                question, answers = args.question, None
         results = evidence_demo.answer_views(model, processor, image, question, budget)
         kept = evidence_demo.kept_patches(model, processor, image, budget)
     finally:
         torch.set_num_threads(previous_threads)
+    caption, details = image_origin(args, seed, budget)
     picture = evidence_demo.demo_picture(image, model.config.vision_config.image_size, model.config.highres_grid,
-                                         kept, question, truth, results)
+                                         kept, caption, question, answers, results)
     if args.out:
         out = Path(args.out)
         with atomic_folder(out, overwrite=args.overwrite) as staging:
@@ -205,16 +224,16 @@ def run_trained(args: argparse.Namespace) -> int:
         picture_path = save_png_atomically(picture, Path(tempfile.mkdtemp(prefix="shirg-demo-")) / "demo.png", False)
     config = model.config
     print(f"shirg-hf demo: the shipped evidence model ({model_dir}), trained from scratch on `shirg-hf synth` data")
-    print(f"  image: {'your ' + str(args.image) if args.image else f'test-style image, --seed {args.seed}'}, drawn "
-          f"at {config.highres_image_size} px; native view {config.vision_config.image_size} px")
-    print(f"  question: {question}" + ("" if truth is None else f"   truth: {truth}"))
+    print(f"  image: {caption}{details}; drawn at {config.highres_image_size} px, native view "
+          f"{config.vision_config.image_size} px")
+    print(f"  question: {question}" + ("" if answers is None else f"   truth: {' / '.join(answers)}"))
     threads = f"{args.threads} CPU thread{'s' if args.threads > 1 else ''}"
     for result in results:
-        verdict = "" if truth is None else ("  correct" if result["answer"].lower() == truth.lower() else "  wrong")
         print(f"  {result['view']:>22}: {result['answer']!r:8} {result['visual_tokens']:4d} visual tokens, prefix "
               f"{result['prefix_tokens']} tokens, KV cache {result['kv_cache_bytes'] / 1024:.0f} KiB, "
-              f"{result['seconds'] * 1e3:.1f} ms per answer ({threads}, after a warm-up){verdict}")
-    measured = model_dir / "evidence_results.json"
+              f"{result['seconds'] * 1e3:.1f} ms per answer ({threads}, after a warm-up)  "
+              f"{evidence_demo.verdict(result['answer'], answers)}")
+    measured = model_dir / RESULTS_NAME
     if measured.is_file():
         results = json.loads(measured.read_text(encoding="utf-8"))
         shown = ", ".join(f"{name} {100 * value:.1f} %" for name, value in results["detail_accuracy"].items())

@@ -1,6 +1,7 @@
 """The evidence model (issue 14): tokenizer and prompts, a smoke run of both training stages, the shipped checkpoint
 (accuracy floor / ceiling on fresh questions, loading without the package) and the trained demo."""
 
+import itertools
 import json
 import math
 import re
@@ -472,7 +473,16 @@ def accuracy(model, path, vision_mode: str, budget=None) -> float:
 
 
 def table_accuracy(path, variant: str) -> float:
-    return json.loads((path / "evidence_results.json").read_text())["overall_accuracy"][variant]
+    return json.loads((path / evidence.RESULTS_NAME).read_text())["overall_accuracy"][variant]
+
+
+def test_shipped_results_hold_exact_fractions_so_the_demo_rounds_like_the_tables():
+    """The demo prints these with one decimal; a value stored rounded (0.0425 for 59 / 1388) would print 4.2 where
+    the tables say 4.3."""
+    results = json.loads((evidence_model_path() / evidence.RESULTS_NAME).read_text())
+    questions = results["detail_questions"]
+    for name, value in results["detail_accuracy"].items():
+        assert value == round(value * questions) / questions, name
 
 
 def test_shipped_model_with_shirg_stays_above_the_floor(shipped):
@@ -538,13 +548,61 @@ def test_demo_runs_the_trained_model_and_writes_its_picture(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--seed", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for view in ("native view", "all high-res tokens", "SHIRG K=84", "truth:", "1 CPU thread"):
+    for view in ("native view", "all high-res tokens", "SHIRG K=84", "truth:", "1 CPU thread", "seed 3;"):
         assert view in printed
+    assert "SELECTED" not in printed
     from PIL import Image
 
     with Image.open(out / "demo.png") as picture:
         assert picture.width >= 700
     assert (out / "config.json").is_file()
+
+
+def test_demo_default_shows_the_first_seed_where_shirg_reads_and_the_native_view_does_not(capsys):
+    assert main(["demo"]) == 0
+    printed = capsys.readouterr().out
+    shown = re.search(r"test-style image, seed (\d+), SELECTED", printed)
+    assert shown and int(shown.group(1)) == showcase_seed_by_hand()
+    native, _, shirg = [line for line in printed.splitlines() if "visual tokens, prefix" in line]
+    assert native.rstrip().endswith("wrong") and shirg.rstrip().endswith("correct")
+
+
+def showcase_seed_by_hand() -> int:
+    """The demo's default seed found independently: generate() per view, compare's exact match."""
+    from shirg_hf.evidence_demo import demo_sample, load_trained
+
+    model, processor = load_trained(evidence_model_path())
+    for seed in itertools.count():
+        image, question, answers = demo_sample(seed)
+        correct = {}
+        for mode, kwargs in ((evidence.NATIVE_VIEW, {}),
+                             (evidence.SELECTING, {"shirg_budget": evidence.EVIDENCE_MIDDLE_BUDGET})):
+            inputs = processor(images=[image], text=[build_prompt(question)], vision_mode=mode, return_tensors="pt",
+                               **kwargs)
+            with torch.inference_mode():
+                correct[mode] = exact_match(processor.batch_decode(model.generate(**inputs))[0], answers)
+        if correct[evidence.SELECTING] and not correct[evidence.NATIVE_VIEW]:
+            return seed
+
+
+def test_demo_samples_detail_questions_in_the_data_sets_family_mix():
+    """Tags are 18 % of the detail questions of a synth set; taking a seed's first detail row would make them ~37 %
+    (row 0 is a tags row), and tags are the hardest family, so the demo would look worse than the tables."""
+    from shirg_hf.evidence_demo import demo_sample
+
+    seeds, rows = 300, [generate_sample("val", 3, index).row for index in range(900)]
+    demo_share = np.mean([demo_sample(seed)[1].startswith("What is in the") for seed in range(seeds)])
+    detail = [row for row in rows if row["question_type"] == "detail"]
+    data_share = np.mean([row["family"] == "tags" for row in detail])
+    spread = math.sqrt(standard_error(data_share, seeds) ** 2 + standard_error(data_share, len(detail)) ** 2)
+    assert all(row["question"].startswith("What is in the") == (row["family"] == "tags") for row in detail)
+    assert abs(demo_share - data_share) < STANDARD_ERRORS * spread
+
+
+def test_demo_with_a_question_of_its_own_is_not_selected(capsys):
+    assert main(["demo", "--question", "What is in the red tag?"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0;" in printed and "SELECTED" not in printed and "truth:" not in printed
 
 
 def test_demo_random_tiny_keeps_the_old_path(tmp_path, capsys):
