@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--question must not be empty")
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.seed is not None and (args.random_tiny or args.image is not None):
+        raise ValueError("--seed picks the generated test-style image for the trained model; it has no effect with "
+                         f"{'--random-tiny' if args.random_tiny else '--image'}: drop one of the two")
     args.device = resolve_device(args.device)
     if not args.random_tiny:
         return run_trained(args)

@@ -615,6 +615,8 @@ def test_demo_image_needs_a_question(tmp_path):
     sample.image.save(tmp_path / "mine.png")
     assert main(["demo", "--image", str(tmp_path / "mine.png")]) == 2
     assert main(["demo", "--image", str(tmp_path / "mine.png"), "--question", sample.row["question"]]) == 0
+    assert main(["demo", "--image", str(tmp_path / "mine.png"), "--question", "?", "--seed", "1"]) == 2
+    assert main(["demo", "--random-tiny", "--seed", "1"]) == 2
 
 
 @pytest.mark.parametrize("folder", [None, "stage1"])
