@@ -1209,24 +1209,22 @@ def ship(run_dir: Path, dest: Path, card: str | None = None, results: dict | Non
     `evidence_results.json` for the demo to quote."""
     import shutil
 
-    run_dir, dest = Path(run_dir), Path(dest)
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    resave(run_dir / "model", staging)
-    resave(run_dir / "stage1", staging / "stage1")
-    shutil.copytree(run_dir / "adapter", staging / "adapter")
-    adapter_config = staging / "adapter" / "adapter_config.json"
-    settings = json.loads(adapter_config.read_text(encoding="utf-8"))
-    settings["base_model_name_or_path"] = "stage1"  # the folder beside it, relative to the evidence model
-    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (staging / "adapter" / "README.md").unlink(missing_ok=True)
-    if card is not None:
-        (staging / "README.md").write_text(card, encoding="utf-8")
-    if results is not None:
-        (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    for name in ("settings.json", "timing.json"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, staging / f"training_{name}")
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
+    from .fileio import atomic_folder
+
+    run_dir = Path(run_dir)
+    with atomic_folder(dest, overwrite=True) as staging:  # replacing the shipped model is what shipping means
+        resave(run_dir / "model", staging)
+        resave(run_dir / "stage1", staging / "stage1")
+        shutil.copytree(run_dir / "adapter", staging / "adapter")
+        adapter_config = staging / "adapter" / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+        settings["base_model_name_or_path"] = "stage1"  # the folder beside it, relative to the evidence model
+        adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / "adapter" / "README.md").unlink(missing_ok=True)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        if results is not None:
+            (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        for name in ("settings.json", "timing.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, staging / f"training_{name}")

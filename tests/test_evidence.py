@@ -447,6 +447,14 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     sample = generate_sample("val", 0, 0)
     inputs = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], return_tensors="pt")
     assert merged.generate(**inputs).shape == (1, evidence.ANSWER_TOKENS)
+    shipped = tmp_path / "evidence_model"
+    evidence.ship(tmp_path, shipped, card="old card")
+    evidence.ship(tmp_path, shipped, card="# card\n", results={"test_questions": 4})  # replaces the folder whole
+    assert (shipped / "README.md").read_text() == "# card\n" and sorted(p.name for p in tmp_path.glob(".evidence*")) == []
+    assert json.loads((shipped / evidence.RESULTS_NAME).read_text()) == {"test_questions": 4}
+    assert json.loads((shipped / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "stage1"
+    again = ShirgLavidaForDiffusionLM.from_pretrained(shipped).state_dict()
+    assert all(torch.equal(tensor, again[name]) for name, tensor in merged.state_dict().items())
 
 
 # ---- the shipped checkpoint -------------------------------------------------------------------------------
