@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=16, help="patch grid for 'shares a patch' (16 or 9)")
     parser.add_argument("--pair", metavar="A,B", help="two variants: how often each is right where the other is not")
     args = parser.parse_args()
+    pair = args.pair.split(",") if args.pair else []
+    if args.pair and (len(pair) != 2 or (args.variants and not set(pair) <= set(args.variants.split(",")))):
+        parser.error(f"--pair takes two variants (among --variants when given), e.g. shirg:84,lowres; got {args.pair}")
     facts = question_facts(args.data, args.grid)
     wanted = set(args.variants.split(",")) if args.variants else None
     groups, errors = defaultdict(list), defaultdict(lambda: defaultdict(int))
@@ -85,8 +88,11 @@ def main() -> None:
         shares = [100 * counts[k] / total for k in ("right", "wrong, in the image", "wrong, not in the image",
                                                      "missing")]
         print(f"| {label} | `{variant}` | {total} | " + " | ".join(f"{share:.1f}" for share in shares) + " |")
-    if args.pair:
-        print_pairs(answered, *args.pair.split(","))
+    if pair:
+        answered_by = {variant for outcome in answered.values() for variant in outcome}
+        if not set(pair) <= answered_by:
+            parser.error(f"--pair {args.pair}: the runs answered {', '.join(sorted(answered_by))}")
+        print_pairs(answered, *pair)
 
 
 def print_pairs(answered: dict, first: str, second: str) -> None:

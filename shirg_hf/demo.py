@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .devices import add_device_arguments, resolve_device, resolve_dtype
 from .export import save_model_folder
-from .fileio import atomic_folder
+from .fileio import atomic_folder, check_destination
 from .modeling.configuration_shirg_lavida import ShirgLavidaConfig
 from .modeling.visual_tokens import LAVIDA_GEOMETRY
 from .modeling.modeling_shirg_lavida import ShirgLavidaForDiffusionLM
@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None and (args.random_tiny or args.image is not None):
         raise ValueError("--seed picks the generated test-style image for the trained model; it has no effect with "
                          f"{'--random-tiny' if args.random_tiny else '--image'}: drop one of the two")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    if args.out:
+        check_destination(Path(args.out).resolve(), args.overwrite)  # before minutes of work, not after
     args.device = resolve_device(args.device)
     if not args.random_tiny:
         return run_trained(args)
@@ -173,14 +177,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_origin(args: argparse.Namespace, seed: int | None, budget: int) -> tuple[str, str]:
+def image_caption(image_path: str | None, seed: int | None, selected: bool, budget: int) -> tuple[str, str]:
     """Where the demo's image came from and whether it was selected: a caption (console and picture) and what the
     console adds to it."""
-    if args.image is not None:
-        return f"your {args.image}", ""
-    if args.seed is not None or args.question is not None:
+    if image_path is not None:
+        return f"your {image_path}", ""
+    if not selected:
         return f"test-style image, seed {seed}", ""
-    skipped = f"seeds 0-{seed - 1} do not show it; " if seed else ""
+    skipped = {0: "", 1: "seed 0 does not show it; "}.get(seed, f"seeds 0-{seed - 1} do not show it; ")
     return (f"test-style image, seed {seed}, SELECTED: the first seed where SHIRG K={budget} is right and the native "
             f"view wrong", f" ({skipped}--seed N shows any image unselected)")
 
@@ -200,12 +204,11 @@ def run_trained(args: argparse.Namespace) -> int:
         model, processor = evidence_demo.load_trained(model_dir, args.device, resolve_dtype(args.dtype))
         budget = model.config.selection["budget"] if args.budget is None else args.budget
         processor.check_budget(budget)
+        selected = args.image is None and args.seed is None and args.question is None
         if args.image is not None:
             seed, image, question, answers = None, load_image(args.image), args.question, None
         else:
-            seed = args.seed
-            if seed is None:
-                seed = 0 if args.question is not None else evidence_demo.showcase_seed(model, processor, budget)
+            seed = evidence_demo.showcase_seed(model, processor, budget) if selected else (args.seed or 0)
             image, question, answers = evidence_demo.demo_sample(seed)
             if args.question is not None:
                 question, answers = args.question, None
@@ -213,7 +216,7 @@ def run_trained(args: argparse.Namespace) -> int:
         kept = evidence_demo.kept_patches(model, processor, image, budget)
     finally:
         torch.set_num_threads(previous_threads)
-    caption, details = image_origin(args, seed, budget)
+    caption, details = image_caption(args.image, seed, selected, budget)
     picture = evidence_demo.demo_picture(image, model.config.vision_config.image_size, model.config.highres_grid,
                                          kept, caption, question, answers, results)
     if args.out:
@@ -232,10 +235,11 @@ def run_trained(args: argparse.Namespace) -> int:
     print(f"  question: {question}" + ("" if answers is None else f"   truth: {' / '.join(answers)}"))
     threads = f"{args.threads} CPU thread{'s' if args.threads > 1 else ''}"
     for result in results:
+        verdict = evidence_demo.verdict(result["answer"], answers)
         print(f"  {result['view']:>22}: {result['answer']!r:8} {result['visual_tokens']:4d} visual tokens, prefix "
               f"{result['prefix_tokens']} tokens, KV cache {result['kv_cache_bytes'] / 1024:.0f} KiB, "
-              f"{result['seconds'] * 1e3:.1f} ms per answer ({threads}, after a warm-up)  "
-              f"{evidence_demo.verdict(result['answer'], answers)}")
+              f"{result['seconds'] * 1e3:.1f} ms per answer ({threads}, after a warm-up)"
+              + (f"  {verdict}" if verdict else ""))
     measured = model_dir / RESULTS_NAME
     if measured.is_file():
         results = json.loads(measured.read_text(encoding="utf-8"))

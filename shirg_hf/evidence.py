@@ -1202,16 +1202,35 @@ def run(args: argparse.Namespace) -> int:
 RESULTS_NAME = "evidence_results.json"
 
 
-def ship(run_dir: Path, dest: Path, card: str | None = None, results: dict | None = None) -> None:
+def check_results(results: dict) -> dict:
+    """The measured accuracies the shipped model carries for the demo to quote: {"test_questions": 2000,
+    "detail_questions": 1388, "detail_accuracy": {"native view": 59 / 1388, ...}, "note": ...}. Each accuracy must be
+    an exact fraction of `detail_questions`: a rounded one (0.0425 for 59 / 1388) prints 4.2 where the tables,
+    computed from the counts, say 4.3."""
+    missing = {"test_questions", "detail_questions", "detail_accuracy", "note"} - set(results)
+    if missing:
+        raise ValueError(f"the evidence results lack {', '.join(sorted(missing))}; expected test_questions, "
+                         "detail_questions, detail_accuracy and note (shirg_hf.evidence.check_results)")
+    questions = results["detail_questions"]
+    fractions = [(name, value, questions) for name, value in results["detail_accuracy"].items()]
+    if "gate_g0" in results:
+        fractions.append(("gate_g0", results["gate_g0"]["accuracy"], results["gate_g0"]["n"]))
+    rounded = [name for name, value, count in fractions if value != round(value * count) / count]
+    if rounded:
+        raise ValueError(f"accuracies {', '.join(rounded)} are not a count of correct answers divided by the "
+                         f"number of questions; store correct / questions unrounded")
+    return results
+
+
+def ship(run_dir: Path, dest: Path, *, card: str, results: dict) -> None:
     """Save a run's merged model (root), stage-1 base (`stage1/`) and adapter (`adapter/`) into `dest`, the
-    package's `evidence_model` folder; `card` replaces the merged model's README.md; `results` (measured
-    accuracies, e.g. {"test_questions": 2000, "detail_accuracy": {"native view": 0.05, ...}}) is saved as
-    `evidence_results.json` for the demo to quote."""
+    package's `evidence_model` folder, replacing it whole; `card` is the merged model's README.md (the evidence
+    tables), `results` (see `check_results`) is saved as `evidence_results.json` for the demo to quote."""
     import shutil
 
     from .fileio import atomic_folder
 
-    run_dir = Path(run_dir)
+    run_dir, results = Path(run_dir), check_results(results)
     with atomic_folder(dest, overwrite=True) as staging:  # replacing the shipped model is what shipping means
         resave(run_dir / "model", staging)
         resave(run_dir / "stage1", staging / "stage1")
@@ -1221,10 +1240,8 @@ def ship(run_dir: Path, dest: Path, card: str | None = None, results: dict | Non
         settings["base_model_name_or_path"] = "stage1"  # the folder beside it, relative to the evidence model
         adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (staging / "adapter" / "README.md").unlink(missing_ok=True)
-        if card is not None:
-            (staging / "README.md").write_text(card, encoding="utf-8")
-        if results is not None:
-            (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         for name in ("settings.json", "timing.json"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / f"training_{name}")

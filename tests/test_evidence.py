@@ -447,11 +447,16 @@ def test_both_training_stages_run_and_save_a_loadable_model(tmp_path):
     sample = generate_sample("val", 0, 0)
     inputs = processor(images=[sample.image], text=[build_prompt(sample.row["question"])], return_tensors="pt")
     assert merged.generate(**inputs).shape == (1, evidence.ANSWER_TOKENS)
-    shipped = tmp_path / "evidence_model"
-    evidence.ship(tmp_path, shipped, card="old card")
-    evidence.ship(tmp_path, shipped, card="# card\n", results={"test_questions": 4})  # replaces the folder whole
-    assert (shipped / "README.md").read_text() == "# card\n" and sorted(p.name for p in tmp_path.glob(".evidence*")) == []
-    assert json.loads((shipped / evidence.RESULTS_NAME).read_text()) == {"test_questions": 4}
+    shipped, results = tmp_path / "evidence_model", {"test_questions": 4, "detail_questions": 3, "note": "smoke",
+                                                     "detail_accuracy": {"native view": 1 / 3}}
+    evidence.ship(tmp_path, shipped, card="old card", results=results)
+    evidence.ship(tmp_path, shipped, card="# card\n", results=results)  # replaces the folder whole
+    (tmp_path / "adapter").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError):
+        evidence.ship(tmp_path, shipped, card="lost", results=results)  # a failed ship keeps the shipped folder
+    assert (shipped / "README.md").read_text() == "# card\n"
+    assert sorted(path.name for path in tmp_path.glob(".evidence*")) == []  # no staging or retired folder left
+    assert json.loads((shipped / evidence.RESULTS_NAME).read_text()) == results
     assert json.loads((shipped / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "stage1"
     again = ShirgLavidaForDiffusionLM.from_pretrained(shipped).state_dict()
     assert all(torch.equal(tensor, again[name]) for name, tensor in merged.state_dict().items())
@@ -485,12 +490,13 @@ def table_accuracy(path, variant: str) -> float:
 
 
 def test_shipped_results_hold_exact_fractions_so_the_demo_rounds_like_the_tables():
-    """The demo prints these with one decimal; a value stored rounded (0.0425 for 59 / 1388) would print 4.2 where
-    the tables say 4.3."""
     results = json.loads((evidence_model_path() / evidence.RESULTS_NAME).read_text())
-    questions = results["detail_questions"]
-    for name, value in results["detail_accuracy"].items():
-        assert value == round(value * questions) / questions, name
+    assert evidence.check_results(results) is results
+    rounded = {**results, "detail_accuracy": {"native view": round(59 / 1388, 4)}}
+    with pytest.raises(ValueError, match="native view"):
+        evidence.check_results(rounded)
+    with pytest.raises(ValueError, match="lack note"):
+        evidence.check_results({key: value for key, value in results.items() if key != "note"})
 
 
 def test_shipped_model_with_shirg_stays_above_the_floor(shipped):
@@ -594,7 +600,7 @@ def showcase_seed_by_hand() -> int:
 
 
 def test_demo_samples_detail_questions_in_the_data_sets_family_mix():
-    """Tags are 18 % of the detail questions of a synth set; taking a seed's first detail row would make them ~37 %
+    """Tags are 18 % of the detail questions of a synth set; taking a seed's first detail row would make them ~40 %
     (row 0 is a tags row), and tags are the hardest family, so the demo would look worse than the tables."""
     from shirg_hf.evidence_demo import demo_sample
 
@@ -605,6 +611,16 @@ def test_demo_samples_detail_questions_in_the_data_sets_family_mix():
     spread = math.sqrt(standard_error(data_share, seeds) ** 2 + standard_error(data_share, len(detail)) ** 2)
     assert all(row["question"].startswith("What is in the") == (row["family"] == "tags") for row in detail)
     assert abs(demo_share - data_share) < STANDARD_ERRORS * spread
+
+
+def test_demo_caption_says_whether_and_how_the_image_was_selected():
+    from shirg_hf.demo import image_caption
+
+    assert image_caption("mine.png", None, False, 84) == ("your mine.png", "")
+    assert image_caption(None, 5, False, 84) == ("test-style image, seed 5", "")
+    caption, details = image_caption(None, 5, True, 56)
+    assert "seed 5, SELECTED" in caption and "SHIRG K=56 is right" in caption and "seeds 0-4 do not" in details
+    assert "seed 0 does not" in image_caption(None, 1, True, 84)[1] and "do not" not in image_caption(None, 0, True, 84)[1]
 
 
 def test_demo_with_a_question_of_its_own_is_not_selected(capsys):
